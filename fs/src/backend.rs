@@ -1,0 +1,429 @@
+//! Where pack bytes live: the [`PackStorage`] trait and its implementations.
+//!
+//! The store sees packs as numbered append-only byte files. Three
+//! implementations:
+//! - [`DiskPacks`]: files `packs/<16 hex digits>.pack` in the store directory;
+//!   file handles are cached; `sync` is `fdatasync` and creating a pack also
+//!   syncs the directory.
+//! - [`MemPacks`]: in memory, for tests; shareable so a test can "reopen".
+//! - [`FaultPacks`]: wraps another implementation and injects failures —
+//!   a failing `sync`, a short (torn) write, `ENOSPC` after a byte budget —
+//!   and simulates a crash by dropping every byte appended since the last
+//!   successful `sync` of each pack.
+//!
+//! Contract: bytes passed to `append` are durable only after `sync` on that
+//! pack returned `Ok`. After a failed `append` or `sync` the caller must not
+//! assume anything about the pack's tail (it abandons the pack).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Number of a pack file.
+pub type PackId = u64;
+
+/// Append-only numbered byte files.
+pub trait PackStorage: Send + Sync + std::fmt::Debug {
+    /// All packs present, in ascending order.
+    fn list(&self) -> io::Result<Vec<PackId>>;
+    /// Create an empty pack; fails if it exists.
+    fn create(&self, id: PackId) -> io::Result<()>;
+    /// Append bytes at the end of the pack.
+    fn append(&self, id: PackId, data: &[u8]) -> io::Result<()>;
+    /// Make everything appended so far durable.
+    fn sync(&self, id: PackId) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self, id: PackId) -> io::Result<u64>;
+    /// Read exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
+    fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Cut the pack to `len` bytes (recovery of a torn tail) and make it durable.
+    fn truncate(&self, id: PackId, len: u64) -> io::Result<()>;
+    /// Delete the pack.
+    fn remove(&self, id: PackId) -> io::Result<()>;
+}
+
+// ---------------------------------------------------------------- disk
+
+/// Packs as files in a directory.
+#[derive(Debug)]
+pub struct DiskPacks {
+    dir: PathBuf,
+    files: Mutex<HashMap<PackId, Arc<File>>>,
+}
+
+impl DiskPacks {
+    /// Packs under `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> io::Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir)?;
+        Ok(DiskPacks {
+            dir,
+            files: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The file name of a pack.
+    pub fn path(&self, id: PackId) -> PathBuf {
+        self.dir.join(format!("{id:016x}.pack"))
+    }
+
+    fn file(&self, id: PackId) -> io::Result<Arc<File>> {
+        let mut files = self.files.lock().unwrap();
+        if let Some(f) = files.get(&id) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(OpenOptions::new().read(true).append(true).open(self.path(id))?);
+        files.insert(id, f.clone());
+        Ok(f)
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl PackStorage for DiskPacks {
+    fn list(&self) -> io::Result<Vec<PackId>> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(hex) = name.strip_suffix(".pack") {
+                if let Ok(id) = u64::from_str_radix(hex, 16) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    fn create(&self, id: PackId) -> io::Result<()> {
+        let f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(self.path(id))?;
+        sync_dir(&self.dir)?;
+        self.files.lock().unwrap().insert(id, Arc::new(f));
+        Ok(())
+    }
+
+    fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
+        (&*self.file(id)?).write_all(data)
+    }
+
+    fn sync(&self, id: PackId) -> io::Result<()> {
+        self.file(id)?.sync_data()
+    }
+
+    fn len(&self, id: PackId) -> io::Result<u64> {
+        Ok(self.file(id)?.metadata()?.len())
+    }
+
+    fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file(id)?.read_exact_at(buf, offset)
+    }
+
+    fn truncate(&self, id: PackId, len: u64) -> io::Result<()> {
+        let f = self.file(id)?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+
+    fn remove(&self, id: PackId) -> io::Result<()> {
+        self.files.lock().unwrap().remove(&id);
+        fs::remove_file(self.path(id))?;
+        sync_dir(&self.dir)
+    }
+}
+
+// ---------------------------------------------------------------- memory
+
+/// Packs in memory. Cloning shares the same packs (a test can drop a store
+/// and reopen another on the same bytes).
+#[derive(Debug, Clone, Default)]
+pub struct MemPacks {
+    packs: Arc<Mutex<BTreeMap<PackId, Vec<u8>>>>,
+}
+
+impl MemPacks {
+    /// Empty.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Mutate a pack's bytes directly (tests: corrupt a record).
+    pub fn with_pack<R>(&self, id: PackId, f: impl FnOnce(&mut Vec<u8>) -> R) -> Option<R> {
+        self.packs.lock().unwrap().get_mut(&id).map(f)
+    }
+}
+
+fn not_found(id: PackId) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("pack {id:016x} does not exist"))
+}
+
+impl PackStorage for MemPacks {
+    fn list(&self) -> io::Result<Vec<PackId>> {
+        Ok(self.packs.lock().unwrap().keys().copied().collect())
+    }
+    fn create(&self, id: PackId) -> io::Result<()> {
+        let mut p = self.packs.lock().unwrap();
+        if p.contains_key(&id) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "pack exists"));
+        }
+        p.insert(id, Vec::new());
+        Ok(())
+    }
+    fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
+        self.packs
+            .lock()
+            .unwrap()
+            .get_mut(&id)
+            .ok_or_else(|| not_found(id))?
+            .extend_from_slice(data);
+        Ok(())
+    }
+    fn sync(&self, id: PackId) -> io::Result<()> {
+        if self.packs.lock().unwrap().contains_key(&id) {
+            Ok(())
+        } else {
+            Err(not_found(id))
+        }
+    }
+    fn len(&self, id: PackId) -> io::Result<u64> {
+        Ok(self.packs.lock().unwrap().get(&id).ok_or_else(|| not_found(id))?.len() as u64)
+    }
+    fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let p = self.packs.lock().unwrap();
+        let pack = p.get(&id).ok_or_else(|| not_found(id))?;
+        let start = offset as usize;
+        let end = start.checked_add(buf.len()).filter(|&e| e <= pack.len());
+        match end {
+            Some(end) => {
+                buf.copy_from_slice(&pack[start..end]);
+                Ok(())
+            }
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of pack")),
+        }
+    }
+    fn truncate(&self, id: PackId, len: u64) -> io::Result<()> {
+        self.packs
+            .lock()
+            .unwrap()
+            .get_mut(&id)
+            .ok_or_else(|| not_found(id))?
+            .truncate(len as usize);
+        Ok(())
+    }
+    fn remove(&self, id: PackId) -> io::Result<()> {
+        self.packs.lock().unwrap().remove(&id).map(|_| ()).ok_or_else(|| not_found(id))
+    }
+}
+
+// ---------------------------------------------------------------- faults
+
+/// Which failures a [`FaultPacks`] injects. All counters are "from now on".
+#[derive(Debug, Default, Clone)]
+pub struct FaultPlan {
+    /// Fail the n-th `sync` from now (0 = the next one) with `EIO`.
+    pub fail_sync_at: Option<u64>,
+    /// After this many more appended bytes, `append` fails with `ENOSPC`
+    /// (the append that crosses the budget writes nothing).
+    pub enospc_after_bytes: Option<u64>,
+    /// Make the n-th `append` from now a torn write: half its bytes land,
+    /// then it fails with `EIO`.
+    pub short_write_at: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    plan: FaultPlan,
+    syncs: u64,
+    appends: u64,
+    appended_bytes: u64,
+    /// Durable length of each pack (as of its last successful sync).
+    synced: HashMap<PackId, u64>,
+}
+
+/// Wraps a [`PackStorage`] and injects the failures of a [`FaultPlan`].
+#[derive(Debug, Clone)]
+pub struct FaultPacks<S> {
+    inner: S,
+    state: Arc<Mutex<FaultState>>,
+}
+
+impl<S: PackStorage> FaultPacks<S> {
+    /// Wrap `inner` with no faults planned.
+    pub fn new(inner: S) -> Self {
+        let mut state = FaultState::default();
+        for id in inner.list().unwrap_or_default() {
+            let len = inner.len(id).unwrap_or(0);
+            state.synced.insert(id, len);
+        }
+        FaultPacks {
+            inner,
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// Replace the plan and reset its counters.
+    pub fn set_plan(&self, plan: FaultPlan) {
+        let mut st = self.state.lock().unwrap();
+        st.plan = plan;
+        st.syncs = 0;
+        st.appends = 0;
+        st.appended_bytes = 0;
+    }
+
+    /// Simulate power loss: every pack loses what was appended after its
+    /// last successful sync; packs created but never synced lose everything.
+    /// The plan is cleared (the machine "reboots").
+    pub fn crash(&self) {
+        let mut st = self.state.lock().unwrap();
+        for id in self.inner.list().unwrap_or_default() {
+            let keep = st.synced.get(&id).copied().unwrap_or(0);
+            let _ = self.inner.truncate(id, keep);
+        }
+        st.plan = FaultPlan::default();
+    }
+
+    /// The wrapped storage.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+fn eio(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Other, format!("injected fault: {what}"))
+}
+
+impl<S: PackStorage> PackStorage for FaultPacks<S> {
+    fn list(&self) -> io::Result<Vec<PackId>> {
+        self.inner.list()
+    }
+    fn create(&self, id: PackId) -> io::Result<()> {
+        self.inner.create(id)?;
+        // Creating is durable at once (the directory entry is synced), empty.
+        self.state.lock().unwrap().synced.insert(id, 0);
+        Ok(())
+    }
+    fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let n = st.appends;
+        st.appends += 1;
+        if let Some(budget) = st.plan.enospc_after_bytes {
+            if st.appended_bytes + data.len() as u64 > budget {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        st.appended_bytes += data.len() as u64;
+        if st.plan.short_write_at == Some(n) {
+            self.inner.append(id, &data[..data.len() / 2])?;
+            return Err(eio("short write"));
+        }
+        self.inner.append(id, data)
+    }
+    fn sync(&self, id: PackId) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let n = st.syncs;
+        st.syncs += 1;
+        if st.plan.fail_sync_at == Some(n) {
+            return Err(eio("fsync failed"));
+        }
+        self.inner.sync(id)?;
+        let len = self.inner.len(id)?;
+        st.synced.insert(id, len);
+        Ok(())
+    }
+    fn len(&self, id: PackId) -> io::Result<u64> {
+        self.inner.len(id)
+    }
+    fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(id, offset, buf)
+    }
+    fn truncate(&self, id: PackId, len: u64) -> io::Result<()> {
+        self.inner.truncate(id, len)?;
+        let mut st = self.state.lock().unwrap();
+        let e = st.synced.entry(id).or_insert(len);
+        *e = (*e).min(len);
+        Ok(())
+    }
+    fn remove(&self, id: PackId) -> io::Result<()> {
+        self.inner.remove(id)?;
+        self.state.lock().unwrap().synced.remove(&id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(s: &dyn PackStorage) {
+        s.create(1).unwrap();
+        assert!(s.create(1).is_err());
+        s.append(1, b"hello ").unwrap();
+        s.append(1, b"world").unwrap();
+        s.sync(1).unwrap();
+        assert_eq!(s.len(1).unwrap(), 11);
+        let mut buf = [0u8; 5];
+        s.read_at(1, 6, &mut buf).unwrap();
+        assert_eq!(&buf, b"world");
+        assert_eq!(
+            s.read_at(1, 8, &mut buf).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        s.truncate(1, 5).unwrap();
+        assert_eq!(s.len(1).unwrap(), 5);
+        s.create(7).unwrap();
+        assert_eq!(s.list().unwrap(), vec![1, 7]);
+        s.remove(1).unwrap();
+        assert_eq!(s.list().unwrap(), vec![7]);
+    }
+
+    #[test]
+    fn disk_and_memory_behave_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        exercise(&DiskPacks::new(dir.path().join("packs")).unwrap());
+        exercise(&MemPacks::new());
+        exercise(&FaultPacks::new(MemPacks::new()));
+    }
+
+    #[test]
+    fn crash_drops_unsynced_bytes() {
+        let f = FaultPacks::new(MemPacks::new());
+        f.create(1).unwrap();
+        f.append(1, b"durable").unwrap();
+        f.sync(1).unwrap();
+        f.append(1, b" lost").unwrap();
+        f.crash();
+        assert_eq!(f.len(1).unwrap(), 7);
+    }
+
+    #[test]
+    fn injected_faults_fire_once_where_planned() {
+        let f = FaultPacks::new(MemPacks::new());
+        f.create(1).unwrap();
+        f.set_plan(FaultPlan {
+            enospc_after_bytes: Some(4),
+            ..Default::default()
+        });
+        f.append(1, b"abcd").unwrap();
+        let e = f.append(1, b"e").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        f.set_plan(FaultPlan {
+            short_write_at: Some(1),
+            fail_sync_at: Some(0),
+            ..Default::default()
+        });
+        f.append(1, b"ok").unwrap();
+        assert!(f.append(1, b"torn").is_err());
+        assert_eq!(f.len(1).unwrap(), 4 + 2 + 2);
+        assert!(f.sync(1).is_err());
+        f.sync(1).unwrap();
+    }
+}

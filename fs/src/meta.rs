@@ -1,0 +1,153 @@
+//! SQLite schema and row helpers. Only `store` and `image` use this module.
+//!
+//! Schema (format version 1):
+//! - `store(key, value)`: format_version, block_size, compression, node_id,
+//!   hlc_ms/hlc_ctr (last HLC reading issued), seq (change sequence number).
+//! - `packs(id, committed_len)`: every pack holding committed records, and
+//!   how many of its bytes committed transactions cover (a longer file has a
+//!   torn or abandoned tail, cut at open).
+//! - `blocks(hash → pack, offset, stored_len, raw_len, codec)`: the index.
+//! - `images(id, name, size, version, stamp, quota, seq, created_ms)`.
+//! - `map(image, block, born, died, hash)`: block `block` of `image` is `hash`
+//!   in versions `[born, died)`; `died IS NULL` for the head.
+//! - `snapshots(image, name, version, size, stamp, created_ms)`.
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::{BlockHash, Hlc, NodeId, Result, Stamp};
+
+/// On-disk format version this build reads and writes.
+pub const FORMAT_VERSION: i64 = 1;
+
+pub const SCHEMA: &str = r#"
+CREATE TABLE store (key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID, STRICT;
+CREATE TABLE packs (id INTEGER PRIMARY KEY, committed_len INTEGER NOT NULL) STRICT;
+CREATE TABLE blocks (
+    hash BLOB PRIMARY KEY,
+    pack INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    stored_len INTEGER NOT NULL,
+    raw_len INTEGER NOT NULL,
+    codec INTEGER NOT NULL
+) WITHOUT ROWID, STRICT;
+CREATE INDEX blocks_pack ON blocks(pack, offset);
+CREATE TABLE images (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    stamp_ms INTEGER NOT NULL,
+    stamp_ctr INTEGER NOT NULL,
+    origin BLOB NOT NULL,
+    quota INTEGER,
+    seq INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+) STRICT;
+CREATE TABLE map (
+    image INTEGER NOT NULL,
+    block INTEGER NOT NULL,
+    born INTEGER NOT NULL,
+    died INTEGER,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (image, block, born)
+) WITHOUT ROWID, STRICT;
+CREATE INDEX map_live ON map(image, block) WHERE died IS NULL;
+CREATE INDEX map_born ON map(image, born);
+CREATE INDEX map_died ON map(image, died) WHERE died IS NOT NULL;
+CREATE TABLE snapshots (
+    image INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    stamp_ms INTEGER NOT NULL,
+    stamp_ctr INTEGER NOT NULL,
+    origin BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (image, name)
+) WITHOUT ROWID, STRICT;
+"#;
+
+/// Connection settings: WAL, durable commits, foreign-key-free schema.
+pub fn configure(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    Ok(())
+}
+
+pub fn get_i64(conn: &Connection, key: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn get_text(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn set<V: rusqlite::ToSql>(conn: &Connection, key: &str, value: V) -> Result<()> {
+    conn.execute(
+        "INSERT INTO store(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// Issue the next HLC reading (persisted in the same transaction).
+pub fn next_stamp(conn: &Connection, origin: NodeId) -> Result<Stamp> {
+    let last = Hlc {
+        wall_ms: get_i64(conn, "hlc_ms")?.unwrap_or(0) as u64,
+        counter: get_i64(conn, "hlc_ctr")?.unwrap_or(0) as u32,
+    };
+    let hlc = last.tick(now_ms());
+    set(conn, "hlc_ms", hlc.wall_ms as i64)?;
+    set(conn, "hlc_ctr", hlc.counter as i64)?;
+    Ok(Stamp { hlc, origin })
+}
+
+/// Bump and return the store's change sequence number.
+pub fn next_seq(conn: &Connection) -> Result<i64> {
+    let seq = get_i64(conn, "seq")?.unwrap_or(0) + 1;
+    set(conn, "seq", seq)?;
+    Ok(seq)
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn hash_from_row(row: &Row, idx: usize) -> rusqlite::Result<BlockHash> {
+    let v: Vec<u8> = row.get(idx)?;
+    let arr: [u8; 32] = v.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Blob, "hash is not 32 bytes".into())
+    })?;
+    Ok(BlockHash(arr))
+}
+
+pub fn stamp_from_row(row: &Row, ms: usize) -> rusqlite::Result<Stamp> {
+    let origin: Vec<u8> = row.get(ms + 2)?;
+    Ok(Stamp {
+        hlc: Hlc {
+            wall_ms: row.get::<_, i64>(ms)? as u64,
+            counter: row.get::<_, i64>(ms + 1)? as u32,
+        },
+        origin: NodeId(origin.try_into().unwrap_or_default()),
+    })
+}
+
+/// Delete dead rows of `image` that no snapshot can see, among rows with
+/// `died` in `[died_lo, died_hi]`.
+pub fn prune(conn: &Connection, image: i64, died_lo: u64, died_hi: u64) -> Result<usize> {
+    Ok(conn.execute(
+        "DELETE FROM map WHERE image = ?1 AND died IS NOT NULL AND died BETWEEN ?2 AND ?3
+           AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.image = map.image
+                            AND s.version >= map.born AND s.version < map.died)",
+        params![image, died_lo as i64, died_hi as i64],
+    )?)
+}

@@ -1,0 +1,325 @@
+//! The pack record format and block sealing (hash + compress) / opening
+//! (decompress + verify).
+//!
+//! A pack file is a 16-byte file header followed by records. **Frozen format
+//! (version 1)** — change it only with a new format version:
+//!
+//! ```text
+//! file header (16 bytes):  "GSYNCPK1" | u32 LE format version = 1 | u32 LE reserved = 0
+//! record header (52 bytes, then `stored_len` payload bytes):
+//!   0..4    magic "GSB1"
+//!   4..36   BLAKE3-256 of the raw (uncompressed) block
+//!   36..40  u32 LE raw_len      (block bytes after decoding)
+//!   40..44  u32 LE stored_len   (payload bytes that follow the header)
+//!   44      codec: 0 = raw, 1 = zstd
+//!   45..48  reserved, zero
+//!   48..52  first 4 bytes of BLAKE3(header bytes 0..48): catches a torn or
+//!           shifted header before its lengths are trusted
+//! ```
+//!
+//! Records are self-describing, so the block index can be rebuilt from the
+//! packs alone (`repair --reindex`).
+
+use std::cell::RefCell;
+
+use crate::BlockHash;
+
+/// Pack file magic (frozen).
+pub const PACK_MAGIC: [u8; 8] = *b"GSYNCPK1";
+/// Pack file header length (frozen).
+pub const PACK_HEADER_LEN: u64 = 16;
+/// Record magic (frozen).
+pub const RECORD_MAGIC: [u8; 4] = *b"GSB1";
+/// Record header length (frozen).
+pub const RECORD_HEADER_LEN: usize = 52;
+/// Largest block a record may hold (and largest block size a store may use).
+pub const MAX_BLOCK: u32 = 4 << 20;
+
+/// How a record's payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// Stored as is (compression did not pay).
+    Raw = 0,
+    /// zstd frame.
+    Zstd = 1,
+}
+
+impl Codec {
+    /// From the on-disk byte.
+    pub fn from_u8(v: u8) -> Option<Codec> {
+        match v {
+            0 => Some(Codec::Raw),
+            1 => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The 16-byte pack file header.
+pub fn pack_header() -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&PACK_MAGIC);
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h
+}
+
+/// A parsed record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Name of the block.
+    pub hash: BlockHash,
+    /// Decoded length.
+    pub raw_len: u32,
+    /// Payload length.
+    pub stored_len: u32,
+    /// Payload encoding.
+    pub codec: Codec,
+}
+
+impl RecordHeader {
+    /// Serialize (with its check bytes).
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        h[0..4].copy_from_slice(&RECORD_MAGIC);
+        h[4..36].copy_from_slice(&self.hash.0);
+        h[36..40].copy_from_slice(&self.raw_len.to_le_bytes());
+        h[40..44].copy_from_slice(&self.stored_len.to_le_bytes());
+        h[44] = self.codec as u8;
+        let check = blake3::hash(&h[..48]);
+        h[48..52].copy_from_slice(&check.as_bytes()[..4]);
+        h
+    }
+
+    /// Parse and check a header; `Err` says what is wrong.
+    pub fn decode(h: &[u8; RECORD_HEADER_LEN]) -> Result<RecordHeader, &'static str> {
+        if h[0..4] != RECORD_MAGIC {
+            return Err("bad record magic");
+        }
+        if blake3::hash(&h[..48]).as_bytes()[..4] != h[48..52] {
+            return Err("record header checksum mismatch");
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
+        let raw_len = u32_at(36);
+        let stored_len = u32_at(40);
+        let codec = Codec::from_u8(h[44]).ok_or("unknown codec")?;
+        if raw_len == 0 || raw_len > MAX_BLOCK || stored_len > MAX_BLOCK + 4096 {
+            return Err("record lengths out of range");
+        }
+        Ok(RecordHeader {
+            hash: BlockHash(h[4..36].try_into().unwrap()),
+            raw_len,
+            stored_len,
+            codec,
+        })
+    }
+}
+
+/// Compression setting of a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Store blocks raw.
+    None,
+    /// zstd at this level (1..=19).
+    Zstd(i32),
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "none" {
+            return Ok(Compression::None);
+        }
+        let level = match s.strip_prefix("zstd") {
+            Some("") => 3,
+            Some(rest) => rest
+                .strip_prefix(':')
+                .and_then(|l| l.parse::<i32>().ok())
+                .filter(|l| (1..=19).contains(l))
+                .ok_or_else(|| format!("invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)"))?,
+            None => return Err(format!("invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)")),
+        };
+        Ok(Compression::Zstd(level))
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::None => write!(f, "none"),
+            Compression::Zstd(l) => write!(f, "zstd:{l}"),
+        }
+    }
+}
+
+/// A block ready to append: its name and its encoded record (header + payload).
+#[derive(Debug)]
+pub struct Sealed {
+    /// Name of the block.
+    pub hash: BlockHash,
+    /// Header and payload, ready to append.
+    pub record: Vec<u8>,
+    /// Raw length.
+    pub raw_len: u32,
+    /// Payload length.
+    pub stored_len: u32,
+    /// Payload encoding.
+    pub codec: Codec,
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Name of a raw block.
+pub fn hash_block(raw: &[u8]) -> BlockHash {
+    BlockHash(*blake3::hash(raw).as_bytes())
+}
+
+/// Encode a non-zero block into a record: compressed when that saves at
+/// least 1/32 of its size, raw otherwise. Reuses one compressor per thread.
+pub fn seal(raw: &[u8], hash: BlockHash, compression: Compression) -> Sealed {
+    let raw_len = raw.len() as u32;
+    let mut record = Vec::with_capacity(RECORD_HEADER_LEN + raw.len() + 64);
+    record.resize(RECORD_HEADER_LEN, 0);
+    let mut codec = Codec::Raw;
+    if let Compression::Zstd(level) = compression {
+        let bound = zstd::zstd_safe::compress_bound(raw.len());
+        record.resize(RECORD_HEADER_LEN + bound, 0);
+        let n = COMPRESSOR.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.as_ref().map(|(l, _)| *l) != Some(level) {
+                *c = Some((level, zstd::bulk::Compressor::new(level).expect("zstd compressor")));
+            }
+            c.as_mut()
+                .unwrap()
+                .1
+                .compress_to_buffer(raw, &mut record[RECORD_HEADER_LEN..])
+                .ok()
+        });
+        match n {
+            Some(n) if n < raw.len() - raw.len() / 32 => {
+                record.truncate(RECORD_HEADER_LEN + n);
+                codec = Codec::Zstd;
+            }
+            _ => record.truncate(RECORD_HEADER_LEN),
+        }
+    }
+    if codec == Codec::Raw {
+        record.extend_from_slice(raw);
+    }
+    let stored_len = (record.len() - RECORD_HEADER_LEN) as u32;
+    let header = RecordHeader {
+        hash,
+        raw_len,
+        stored_len,
+        codec,
+    };
+    record[..RECORD_HEADER_LEN].copy_from_slice(&header.encode());
+    Sealed {
+        hash,
+        record,
+        raw_len,
+        stored_len,
+        codec,
+    }
+}
+
+/// Decode a payload and verify it against `expected`. `Err` says what failed.
+pub fn open(payload: &[u8], codec: Codec, raw_len: u32, expected: &BlockHash) -> Result<Vec<u8>, String> {
+    let raw = match codec {
+        Codec::Raw => payload.to_vec(),
+        Codec::Zstd => {
+            let mut out = vec![0u8; raw_len as usize];
+            let n = DECOMPRESSOR
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new().expect("zstd decompressor"));
+                    }
+                    d.as_mut().unwrap().decompress_to_buffer(payload, &mut out)
+                })
+                .map_err(|e| format!("zstd payload does not decode: {e}"))?;
+            if n != raw_len as usize {
+                return Err(format!("payload decodes to {n} bytes, expected {raw_len}"));
+            }
+            out
+        }
+    };
+    if raw.len() != raw_len as usize {
+        return Err(format!("payload is {} bytes, expected {raw_len}", raw.len()));
+    }
+    let actual = hash_block(&raw);
+    if &actual != expected {
+        return Err(format!("content hashes to {actual}"));
+    }
+    Ok(raw)
+}
+
+/// True when every byte is zero (vectorizes well).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (chunks, rest) = buf.split_at(buf.len() - buf.len() % 16);
+    chunks
+        .chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
+        && rest.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_round_trip_and_raw_fallback() {
+        let text: Vec<u8> = b"geosync ".iter().cycle().take(65536).copied().collect();
+        let h = hash_block(&text);
+        let s = seal(&text, h, Compression::Zstd(3));
+        assert_eq!(s.codec, Codec::Zstd);
+        assert!(s.stored_len < 2000);
+        let hdr = RecordHeader::decode(s.record[..RECORD_HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(hdr.hash, h);
+        let back = open(&s.record[RECORD_HEADER_LEN..], hdr.codec, hdr.raw_len, &h).unwrap();
+        assert_eq!(back, text);
+
+        let mut noise = vec![0u8; 65536];
+        blake3::Hasher::new().finalize_xof().fill(&mut noise);
+        let s = seal(&noise, hash_block(&noise), Compression::Zstd(3));
+        assert_eq!(s.codec, Codec::Raw);
+        assert_eq!(s.stored_len, 65536);
+    }
+
+    #[test]
+    fn damaged_records_are_refused() {
+        let data = vec![7u8; 4096];
+        let h = hash_block(&data);
+        let s = seal(&data, h, Compression::Zstd(1));
+        let mut hdr: [u8; RECORD_HEADER_LEN] = s.record[..RECORD_HEADER_LEN].try_into().unwrap();
+        hdr[40] ^= 1;
+        assert!(RecordHeader::decode(&hdr).is_err());
+        let mut payload = s.record[RECORD_HEADER_LEN..].to_vec();
+        let last = payload.len() - 1;
+        payload[last] ^= 0x40;
+        assert!(open(&payload, s.codec, s.raw_len, &h).is_err());
+        assert!(open(&vec![7u8; 4096], Codec::Raw, 4096, &hash_block(b"other")).is_err());
+    }
+
+    #[test]
+    fn compression_setting_parses() {
+        assert_eq!("zstd:3".parse::<Compression>().unwrap(), Compression::Zstd(3));
+        assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd(3));
+        assert_eq!("none".parse::<Compression>().unwrap(), Compression::None);
+        assert!("zstd:99".parse::<Compression>().is_err());
+        assert!("lz4".parse::<Compression>().is_err());
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 65536]));
+        let mut b = vec![0u8; 65537];
+        b[65536] = 1;
+        assert!(!is_zero(&b));
+        b[65536] = 0;
+        b[17] = 1;
+        assert!(!is_zero(&b));
+    }
+}

@@ -1,0 +1,1212 @@
+//! The store: opening, the pack writer, block reads, and image metadata
+//! operations (create, snapshot, rollback, clone, remove, diff, statistics).
+//! Maintenance (GC, scrub, reindex) is in [`crate::store::maint`].
+//!
+//! Locking inside the writer process:
+//! - `db`: one SQLite connection behind a mutex; every metadata operation is
+//!   one short transaction under it.
+//! - `writer`: the active pack; held while a batch of records is appended.
+//! - `gate`: the stage gate (see the crate docs, invariant 4).
+//! Lock order: `gate` → `writer` → `db`. Pack reads take no store lock.
+
+pub mod maint;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tracing::{debug, info, warn};
+
+use crate::backend::{DiskPacks, PackId, PackStorage};
+use crate::image::Staged;
+use crate::meta::{self, FORMAT_VERSION};
+use crate::pack::{self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::{validate_name, BlockHash, Error, ImageHandle, NodeId, Result, Stamp};
+
+/// A pack is closed and a new one started once it reaches this size.
+pub const PACK_TARGET_SIZE: u64 = 64 << 20;
+
+/// Options of `geosync init`.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// Block size in bytes: a power of two from 4 KiB to 4 MiB.
+    pub block_size: u32,
+    /// Block compression.
+    pub compression: Compression,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            block_size: 64 << 10,
+            compression: Compression::Zstd(3),
+        }
+    }
+}
+
+/// How a store is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Readers only; any number of processes may do this at once.
+    ReadOnly,
+    /// The one writer process (holds `store.lock`).
+    ReadWrite,
+}
+
+/// Where a block's record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockLoc {
+    /// Pack number.
+    pub pack: PackId,
+    /// Offset of the record header in the pack.
+    pub offset: u64,
+    /// Payload length.
+    pub stored_len: u32,
+    /// Raw block length.
+    pub raw_len: u32,
+    /// Payload encoding.
+    pub codec: Codec,
+}
+
+impl BlockLoc {
+    fn end(&self) -> u64 {
+        self.offset + RECORD_HEADER_LEN as u64 + self.stored_len as u64
+    }
+}
+
+/// An image as `ls` / `info` show it.
+#[derive(Clone, Debug)]
+pub struct ImageInfo {
+    /// Name.
+    pub name: String,
+    /// Logical size in bytes.
+    pub size: u64,
+    /// Head version.
+    pub version: u64,
+    /// Stamp of the head version.
+    pub stamp: Stamp,
+    /// Quota on referenced bytes, if set.
+    pub quota: Option<u64>,
+    /// Bytes in non-hole blocks of the head (before dedup and compression).
+    pub referenced: u64,
+    /// Compressed bytes of the distinct blocks the head uses (shared blocks counted in full).
+    pub stored: u64,
+    /// Snapshots, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Creation time (ms since the epoch).
+    pub created_ms: u64,
+}
+
+/// A snapshot of an image.
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    /// Snapshot name.
+    pub name: String,
+    /// The image version it pins.
+    pub version: u64,
+    /// Image size at that version.
+    pub size: u64,
+    /// Stamp of that version.
+    pub stamp: Stamp,
+    /// When the snapshot was taken (ms since the epoch).
+    pub created_ms: u64,
+}
+
+/// Store-wide usage, the figures `zfs get compressratio` / `zpool get dedupratio` give.
+#[derive(Clone, Debug, Default)]
+pub struct StoreStats {
+    /// Number of images.
+    pub images: u64,
+    /// Number of snapshots.
+    pub snapshots: u64,
+    /// Σ image sizes.
+    pub logical: u64,
+    /// Σ non-hole bytes of image heads (before dedup and compression).
+    pub referenced: u64,
+    /// Raw bytes of the distinct blocks the heads use (after dedup, before compression).
+    pub unique: u64,
+    /// Raw bytes of the distinct blocks heads and snapshots use.
+    pub unique_with_snapshots: u64,
+    /// Compressed bytes of the distinct blocks heads and snapshots use.
+    pub stored: u64,
+    /// Bytes of all pack files (includes garbage awaiting `gc`).
+    pub pack_bytes: u64,
+    /// Blocks in the index.
+    pub indexed_blocks: u64,
+    /// `unique_with_snapshots / stored`.
+    pub compress_ratio: f64,
+    /// `referenced / unique`.
+    pub dedup_ratio: f64,
+}
+
+/// The result of `diff`: changed block ranges between two retained versions.
+#[derive(Clone, Debug)]
+pub struct Diff {
+    /// Older version.
+    pub from_version: u64,
+    /// Newer version.
+    pub to_version: u64,
+    /// Image size at `from_version`.
+    pub from_size: u64,
+    /// Image size at `to_version`.
+    pub to_size: u64,
+    /// Changed blocks as half-open ranges of block indexes, ascending.
+    pub changed: Vec<Range<u64>>,
+}
+
+/// Store configuration read from `meta.db`.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreConfig {
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// Compression of new blocks.
+    pub compression: Compression,
+    /// This store's node id (origin of its stamps).
+    pub node_id: NodeId,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    stagers: usize,
+    gc: bool,
+}
+
+/// Held by a writer from its first sealed block until its commit ends.
+#[derive(Debug)]
+pub(crate) struct StageGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for StageGuard {
+    fn drop(&mut self) {
+        let mut st = self.inner.gate.lock().unwrap();
+        st.stagers -= 1;
+        self.inner.gate_cv.notify_all();
+    }
+}
+
+struct GcGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for GcGuard {
+    fn drop(&mut self) {
+        self.inner.gate.lock().unwrap().gc = false;
+        self.inner.gate_cv.notify_all();
+    }
+}
+
+#[derive(Debug, Default)]
+struct PackWriter {
+    /// The pack being appended to and its length.
+    active: Option<(PackId, u64)>,
+    next_id: PackId,
+    /// Packs whose append or sync failed: their unsynced tail may be lost.
+    poisoned: HashSet<PackId>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    dir: Option<PathBuf>,
+    pub(crate) packs: Box<dyn PackStorage>,
+    db: Mutex<Connection>,
+    pub(crate) config: StoreConfig,
+    mode: OpenMode,
+    _lock: Option<std::fs::File>,
+    writer: Mutex<PackWriter>,
+    gate: Mutex<GateState>,
+    gate_cv: Condvar,
+}
+
+/// A handle on an open store; cheap to clone and shared by threads.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn db_path(dir: &Path) -> PathBuf {
+    dir.join("meta.db")
+}
+
+impl Store {
+    /// Create a store in `dir` (created if missing; must not hold a store).
+    pub fn init(dir: &Path, opts: &InitOptions) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        if db_path(dir).exists() {
+            return Err(Error::StoreExists(dir.display().to_string()));
+        }
+        let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("creating packs/", e))?;
+        Self::init_with(&db_path(dir), Box::new(packs), opts)?;
+        Self::open(dir, OpenMode::ReadWrite)
+    }
+
+    /// Create the metadata of a store whose packs live in `packs` (tests: memory or faults).
+    pub fn init_with(db: &Path, packs: Box<dyn PackStorage>, opts: &InitOptions) -> Result<()> {
+        let bs = opts.block_size;
+        if !bs.is_power_of_two() || !(4096..=pack::MAX_BLOCK).contains(&bs) {
+            return Err(Error::InvalidArgument(format!(
+                "block size {bs} must be a power of two from 4 KiB to 4 MiB"
+            )));
+        }
+        drop(packs);
+        let mut conn = Connection::open(db)?;
+        meta::configure(&conn)?;
+        let tx = conn.transaction()?;
+        tx.execute_batch(meta::SCHEMA)?;
+        meta::set(&tx, "format_version", FORMAT_VERSION)?;
+        meta::set(&tx, "block_size", bs as i64)?;
+        meta::set(&tx, "compression", opts.compression.to_string())?;
+        let node: [u8; 16] = rand::random();
+        meta::set(&tx, "node_id", NodeId(node).to_string())?;
+        meta::set(&tx, "seq", 0i64)?;
+        tx.commit()?;
+        info!(db = %db.display(), block_size = bs, compression = %opts.compression, "initialized store");
+        Ok(())
+    }
+
+    /// Open the store in `dir`.
+    pub fn open(dir: &Path, mode: OpenMode) -> Result<Store> {
+        if !db_path(dir).exists() {
+            return Err(Error::NoStore(dir.display().to_string()));
+        }
+        let lock = if mode == OpenMode::ReadWrite {
+            Some(take_writer_lock(dir)?)
+        } else {
+            None
+        };
+        let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("opening packs/", e))?;
+        Self::open_inner(Some(dir.to_path_buf()), &db_path(dir), Box::new(packs), mode, lock)
+    }
+
+    /// Open a store whose metadata is `db` and packs are `packs` (tests).
+    pub fn open_with(db: &Path, packs: Box<dyn PackStorage>, mode: OpenMode) -> Result<Store> {
+        if !db.exists() {
+            return Err(Error::NoStore(db.display().to_string()));
+        }
+        Self::open_inner(None, db, packs, mode, None)
+    }
+
+    fn open_inner(
+        dir: Option<PathBuf>,
+        db: &Path,
+        packs: Box<dyn PackStorage>,
+        mode: OpenMode,
+        lock: Option<std::fs::File>,
+    ) -> Result<Store> {
+        let conn = Connection::open(db)?;
+        meta::configure(&conn)?;
+        let version = meta::get_i64(&conn, "format_version")
+            .ok()
+            .flatten()
+            .ok_or_else(|| Error::NoStore(db.display().to_string()))?;
+        if version != FORMAT_VERSION {
+            return Err(Error::FormatVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let block_size = meta::get_i64(&conn, "block_size")?.unwrap_or(0) as u32;
+        let compression: Compression = meta::get_text(&conn, "compression")?
+            .unwrap_or_default()
+            .parse()
+            .map_err(Error::InvalidArgument)?;
+        let node_id = NodeId::from_hex(&meta::get_text(&conn, "node_id")?.unwrap_or_default())
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                dir,
+                packs,
+                db: Mutex::new(conn),
+                config: StoreConfig {
+                    block_size,
+                    compression,
+                    node_id,
+                },
+                mode,
+                _lock: lock,
+                writer: Mutex::new(PackWriter::default()),
+                gate: Mutex::new(GateState::default()),
+                gate_cv: Condvar::new(),
+            }),
+        };
+        if mode == OpenMode::ReadWrite {
+            store.recover()?;
+        }
+        Ok(store)
+    }
+
+    /// Cut torn or abandoned pack tails back to what committed transactions
+    /// cover, and pick the next pack number. Packs with no committed data are
+    /// left for `gc` (they are not trusted blindly: `repair --reindex` may
+    /// still want them).
+    fn recover(&self) -> Result<()> {
+        let files = self.inner.packs.list().map_err(|e| Error::io("listing packs", e))?;
+        let rows: HashMap<PackId, u64> = {
+            let db = self.db();
+            let mut st = db.prepare("SELECT id, committed_len FROM packs")?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        for &id in &files {
+            let Some(&committed) = rows.get(&id) else { continue };
+            let len = self.inner.packs.len(id).map_err(|e| Error::io(format!("reading pack {id}"), e))?;
+            if len > committed {
+                info!(pack = id, len, committed, "cutting uncommitted pack tail");
+                self.inner
+                    .packs
+                    .truncate(id, committed)
+                    .map_err(|e| Error::io(format!("truncating pack {id}"), e))?;
+            } else if len < committed {
+                warn!(pack = id, len, committed, "pack is shorter than its committed length: run `geosync scrub`");
+            }
+        }
+        let max = files.iter().chain(rows.keys()).copied().max().unwrap_or(0);
+        self.inner.writer.lock().unwrap().next_id = max + 1;
+        Ok(())
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> StoreConfig {
+        self.inner.config
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.inner.config.block_size as u64
+    }
+
+    /// The store directory, if it is on disk.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    pub(crate) fn db(&self) -> MutexGuard<'_, Connection> {
+        self.inner.db.lock().unwrap()
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        match self.inner.mode {
+            OpenMode::ReadWrite => Ok(()),
+            OpenMode::ReadOnly => Err(Error::InvalidArgument("store is open read-only".into())),
+        }
+    }
+
+    // ------------------------------------------------------------ gate
+
+    pub(crate) fn stage_enter(&self) -> StageGuard {
+        let mut st = self.inner.gate.lock().unwrap();
+        while st.gc {
+            st = self.inner.gate_cv.wait(st).unwrap();
+        }
+        st.stagers += 1;
+        StageGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    fn gc_enter(&self) -> GcGuard {
+        let mut st = self.inner.gate.lock().unwrap();
+        while st.gc {
+            st = self.inner.gate_cv.wait(st).unwrap();
+        }
+        st.gc = true; // new stagers wait from here on
+        while st.stagers > 0 {
+            st = self.inner.gate_cv.wait(st).unwrap();
+        }
+        GcGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    // ------------------------------------------------------------ packs
+
+    /// Append sealed blocks; returns their locations. The bytes are not
+    /// durable until [`Store::sync_packs`].
+    pub(crate) fn append_batch(&self, sealed: &[Sealed]) -> Result<Vec<BlockLoc>> {
+        let mut w = self.inner.writer.lock().unwrap();
+        let mut locs = Vec::with_capacity(sealed.len());
+        let mut i = 0;
+        while i < sealed.len() {
+            let (id, start) = match w.active {
+                Some((id, len)) if len < PACK_TARGET_SIZE => (id, len),
+                _ => {
+                    let id = w.next_id;
+                    w.next_id += 1;
+                    self.create_pack(id)?;
+                    w.active = Some((id, PACK_HEADER_LEN));
+                    (id, PACK_HEADER_LEN)
+                }
+            };
+            let mut buf = Vec::new();
+            let mut off = start;
+            while i < sealed.len() && (off < PACK_TARGET_SIZE || buf.is_empty()) {
+                let s = &sealed[i];
+                locs.push(BlockLoc {
+                    pack: id,
+                    offset: off,
+                    stored_len: s.stored_len,
+                    raw_len: s.raw_len,
+                    codec: s.codec,
+                });
+                buf.extend_from_slice(&s.record);
+                off += s.record.len() as u64;
+                i += 1;
+            }
+            if let Err(e) = self.inner.packs.append(id, &buf) {
+                w.active = None;
+                w.poisoned.insert(id);
+                return Err(Error::io(format!("appending to pack {id}"), e));
+            }
+            w.active = Some((id, off));
+        }
+        Ok(locs)
+    }
+
+    fn create_pack(&self, id: PackId) -> Result<()> {
+        let p = &self.inner.packs;
+        p.create(id).map_err(|e| Error::io(format!("creating pack {id}"), e))?;
+        p.append(id, &pack::pack_header())
+            .map_err(|e| Error::io(format!("writing pack {id} header"), e))?;
+        debug!(pack = id, "new pack");
+        Ok(())
+    }
+
+    /// Make the given packs durable. A pack whose sync fails is abandoned
+    /// (poisoned): what was appended to it since its last good sync may be
+    /// gone, so no commit may rely on it.
+    pub(crate) fn sync_packs(&self, ids: impl IntoIterator<Item = PackId>) -> Result<()> {
+        for id in ids {
+            if self.inner.writer.lock().unwrap().poisoned.contains(&id) {
+                return Err(Error::Io {
+                    context: format!("committing: an earlier write or sync of pack {id} failed"),
+                    source: io::Error::other("pack abandoned after an I/O error"),
+                });
+            }
+            if let Err(e) = self.inner.packs.sync(id) {
+                let mut w = self.inner.writer.lock().unwrap();
+                w.poisoned.insert(id);
+                if w.active.map(|a| a.0) == Some(id) {
+                    w.active = None;
+                }
+                return Err(Error::io(format!("syncing pack {id}"), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop appending to the current pack (GC compacts into a fresh one).
+    fn close_active_pack(&self) -> Option<PackId> {
+        self.inner.writer.lock().unwrap().active.take().map(|a| a.0)
+    }
+
+    // ------------------------------------------------------------ blocks
+
+    /// Where a block is stored, if the index has it.
+    pub fn lookup(&self, hash: &BlockHash) -> Result<Option<BlockLoc>> {
+        let db = self.db();
+        let mut st = db.prepare_cached(
+            "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1",
+        )?;
+        Ok(st.query_row([&hash.0[..]], loc_from_row).optional()?)
+    }
+
+    /// Read and verify one block from its record.
+    pub fn read_record(&self, hash: &BlockHash, loc: &BlockLoc) -> Result<Vec<u8>> {
+        let integrity = |what: String| Error::Integrity {
+            what,
+            hash: *hash,
+            pack: loc.pack,
+            offset: loc.offset,
+            image: None,
+            block: None,
+        };
+        let mut buf = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
+        if let Err(e) = self.inner.packs.read_at(loc.pack, loc.offset, &mut buf) {
+            return Err(match e.kind() {
+                io::ErrorKind::UnexpectedEof => integrity("record is truncated".into()),
+                _ => Error::io(format!("reading pack {} at {}", loc.pack, loc.offset), e),
+            });
+        }
+        let header = RecordHeader::decode(buf[..RECORD_HEADER_LEN].try_into().unwrap())
+            .map_err(|w| integrity(w.to_string()))?;
+        if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec {
+            return Err(integrity("record header does not match the index".into()));
+        }
+        pack::open(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
+    }
+
+    /// Read and verify a block by name.
+    pub fn read_block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        for attempt in 0..2 {
+            let loc = self.lookup(hash)?.ok_or(Error::MissingBlock {
+                hash: *hash,
+                image: None,
+                block: None,
+            })?;
+            match self.read_record(hash, &loc) {
+                // GC may have moved the block between lookup and read: look again.
+                Err(Error::Io { ref source, .. }) if source.kind() == io::ErrorKind::NotFound && attempt == 0 => {
+                    continue
+                }
+                r => return r,
+            }
+        }
+        unreachable!()
+    }
+
+    /// Whether the index has a block.
+    pub(crate) fn has_block(&self, hash: &BlockHash) -> Result<bool> {
+        Ok(self.lookup(hash)?.is_some())
+    }
+
+    // ------------------------------------------------------------ images
+
+    pub(crate) fn image_row(&self, name: &str) -> Result<ImageRow> {
+        validate_name(name)?;
+        let db = self.db();
+        image_row(&db, name)
+    }
+
+    /// Create an empty (all-hole) image of `size` bytes.
+    pub fn create_image(&self, name: &str, size: u64) -> Result<()> {
+        validate_name(name)?;
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        if image_row(&tx, name).is_ok() {
+            return Err(Error::ImageExists(name.into()));
+        }
+        let stamp = meta::next_stamp(&tx, self.inner.config.node_id)?;
+        let seq = meta::next_seq(&tx)?;
+        tx.execute(
+            "INSERT INTO images(name, size, version, stamp_ms, stamp_ctr, origin, seq, created_ms)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                name,
+                size as i64,
+                stamp.hlc.wall_ms as i64,
+                stamp.hlc.counter as i64,
+                &stamp.origin.0[..],
+                seq,
+                meta::now_ms() as i64
+            ],
+        )?;
+        tx.commit()?;
+        info!(image = name, size, "created image");
+        Ok(())
+    }
+
+    /// Open an image for reading and writing through a handle.
+    pub fn open_image(&self, name: &str) -> Result<ImageHandle> {
+        let row = self.image_row(name)?;
+        Ok(ImageHandle::new(self.clone(), row))
+    }
+
+    /// Whether an image exists.
+    pub fn image_exists(&self, name: &str) -> Result<bool> {
+        match self.image_row(name) {
+            Ok(_) => Ok(true),
+            Err(Error::NoSuchImage(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// All images, by name.
+    pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
+        let names: Vec<String> = {
+            let db = self.db();
+            let mut st = db.prepare("SELECT name FROM images ORDER BY name")?;
+            let names = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            names
+        };
+        names.iter().map(|n| self.image_info(n)).collect()
+    }
+
+    /// One image's details.
+    pub fn image_info(&self, name: &str) -> Result<ImageInfo> {
+        let row = self.image_row(name)?;
+        let db = self.db();
+        let bs = self.block_size();
+        let live: i64 = db.query_row(
+            "SELECT COUNT(*) FROM map WHERE image = ?1 AND died IS NULL",
+            [row.id],
+            |r| r.get(0),
+        )?;
+        let stored: i64 = db.query_row(
+            "SELECT COALESCE(SUM(stored_len), 0) FROM blocks WHERE hash IN
+               (SELECT hash FROM map WHERE image = ?1 AND died IS NULL)",
+            [row.id],
+            |r| r.get(0),
+        )?;
+        let snapshots = snapshots_of(&db, row.id)?;
+        Ok(ImageInfo {
+            name: row.name,
+            size: row.size,
+            version: row.version,
+            stamp: row.stamp,
+            quota: row.quota,
+            referenced: live as u64 * bs,
+            stored: stored as u64,
+            snapshots,
+            created_ms: row.created_ms,
+        })
+    }
+
+    /// Snapshots of an image, oldest first.
+    pub fn list_snapshots(&self, image: &str) -> Result<Vec<SnapshotInfo>> {
+        let row = self.image_row(image)?;
+        snapshots_of(&self.db(), row.id)
+    }
+
+    /// Pin the image's head version under `snap`.
+    pub fn create_snapshot(&self, image: &str, snap: &str) -> Result<SnapshotInfo> {
+        validate_name(snap)?;
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let row = image_row(&tx, image)?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM snapshots WHERE image = ?1 AND name = ?2)",
+            params![row.id, snap],
+            |r| r.get(0),
+        )?;
+        if exists {
+            return Err(Error::SnapshotExists {
+                image: image.into(),
+                snapshot: snap.into(),
+            });
+        }
+        let now = meta::now_ms();
+        tx.execute(
+            "INSERT INTO snapshots(image, name, version, size, stamp_ms, stamp_ctr, origin, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                row.id,
+                snap,
+                row.version as i64,
+                row.size as i64,
+                row.stamp.hlc.wall_ms as i64,
+                row.stamp.hlc.counter as i64,
+                &row.stamp.origin.0[..],
+                now as i64
+            ],
+        )?;
+        let seq = meta::next_seq(&tx)?;
+        tx.execute("UPDATE images SET seq = ?2 WHERE id = ?1", params![row.id, seq])?;
+        tx.commit()?;
+        info!(image, snapshot = snap, version = row.version, "snapshot created");
+        Ok(SnapshotInfo {
+            name: snap.into(),
+            version: row.version,
+            size: row.size,
+            stamp: row.stamp,
+            created_ms: now,
+        })
+    }
+
+    /// Delete a snapshot and prune the rows only it kept.
+    pub fn delete_snapshot(&self, image: &str, snap: &str) -> Result<()> {
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let row = image_row(&tx, image)?;
+        let snap_row = snapshot_row(&tx, &row, snap)?;
+        tx.execute(
+            "DELETE FROM snapshots WHERE image = ?1 AND name = ?2",
+            params![row.id, snap],
+        )?;
+        let pruned = meta::prune(&tx, row.id, snap_row.version + 1, u64::MAX >> 1)?;
+        let seq = meta::next_seq(&tx)?;
+        tx.execute("UPDATE images SET seq = ?2 WHERE id = ?1", params![row.id, seq])?;
+        tx.commit()?;
+        info!(image, snapshot = snap, pruned, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Make the image's head equal to a snapshot, as a new version (the
+    /// versions after the snapshot stay reachable through other snapshots).
+    /// Costs O(blocks changed since the snapshot).
+    pub fn rollback(&self, image: &str, snap: &str) -> Result<u64> {
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let row = image_row(&tx, image)?;
+        let s = snapshot_row(&tx, &row, snap)?;
+        let v = row.version + 1;
+        let killed = tx.execute(
+            "UPDATE map SET died = ?3 WHERE image = ?1 AND died IS NULL AND born > ?2",
+            params![row.id, s.version as i64, v as i64],
+        )?;
+        let revived = tx.execute(
+            "INSERT INTO map(image, block, born, died, hash)
+             SELECT image, block, ?3, NULL, hash FROM map
+              WHERE image = ?1 AND born <= ?2 AND died IS NOT NULL AND died > ?2 AND died < ?3",
+            params![row.id, s.version as i64, v as i64],
+        )?;
+        // Blocks past the snapshot's size cannot be live at the snapshot; nothing more to cut.
+        let stamp = bump_version(&tx, &row, v, s.size, self.inner.config.node_id)?;
+        meta::prune(&tx, row.id, v, v)?;
+        tx.commit()?;
+        info!(image, snapshot = snap, version = v, killed, revived, %stamp, "rolled back");
+        Ok(v)
+    }
+
+    /// A new image sharing every block of `src` (its head, or snapshot `snap`).
+    pub fn clone_image(&self, src: &str, snap: Option<&str>, new: &str) -> Result<()> {
+        validate_name(new)?;
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let row = image_row(&tx, src)?;
+        let (version, size) = match snap {
+            Some(s) => {
+                let s = snapshot_row(&tx, &row, s)?;
+                (s.version, s.size)
+            }
+            None => (row.version, row.size),
+        };
+        if image_row(&tx, new).is_ok() {
+            return Err(Error::ImageExists(new.into()));
+        }
+        let stamp = meta::next_stamp(&tx, self.inner.config.node_id)?;
+        let seq = meta::next_seq(&tx)?;
+        tx.execute(
+            "INSERT INTO images(name, size, version, stamp_ms, stamp_ctr, origin, seq, created_ms)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                new,
+                size as i64,
+                stamp.hlc.wall_ms as i64,
+                stamp.hlc.counter as i64,
+                &stamp.origin.0[..],
+                seq,
+                meta::now_ms() as i64
+            ],
+        )?;
+        let new_id = tx.last_insert_rowid();
+        let rows = tx.execute(
+            "INSERT INTO map(image, block, born, died, hash)
+             SELECT ?1, block, 1, NULL, hash FROM map
+              WHERE image = ?2 AND born <= ?3 AND (died IS NULL OR died > ?3)",
+            params![new_id, row.id, version as i64],
+        )?;
+        tx.commit()?;
+        info!(src, new, version, blocks = rows, "cloned");
+        Ok(())
+    }
+
+    /// Rename an image.
+    pub fn rename_image(&self, old: &str, new: &str) -> Result<()> {
+        validate_name(new)?;
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let row = image_row(&tx, old)?;
+        if image_row(&tx, new).is_ok() {
+            return Err(Error::ImageExists(new.into()));
+        }
+        let seq = meta::next_seq(&tx)?;
+        tx.execute(
+            "UPDATE images SET name = ?2, seq = ?3 WHERE id = ?1",
+            params![row.id, new, seq],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Remove an image and its snapshots; its blocks are freed by `gc`.
+    pub fn remove_image(&self, name: &str) -> Result<()> {
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let row = image_row(&tx, name)?;
+        tx.execute("DELETE FROM map WHERE image = ?1", [row.id])?;
+        tx.execute("DELETE FROM snapshots WHERE image = ?1", [row.id])?;
+        tx.execute("DELETE FROM images WHERE id = ?1", [row.id])?;
+        meta::next_seq(&tx)?;
+        tx.commit()?;
+        info!(image = name, "removed image");
+        Ok(())
+    }
+
+    /// Set an image's quota on referenced bytes (`None` removes it).
+    pub fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<()> {
+        self.check_writable()?;
+        let row = self.image_row(name)?;
+        self.db().execute(
+            "UPDATE images SET quota = ?2 WHERE id = ?1",
+            params![row.id, quota.map(|q| q as i64)],
+        )?;
+        Ok(())
+    }
+
+    /// Resolve `head`, `@N` or a snapshot name to (version, size), checking
+    /// that the version is retained.
+    pub fn resolve_version(&self, image: &str, spec: &str) -> Result<(u64, u64)> {
+        let row = self.image_row(image)?;
+        let db = self.db();
+        if spec == "head" {
+            return Ok((row.version, row.size));
+        }
+        let snaps = snapshots_of(&db, row.id)?;
+        if let Some(n) = spec.strip_prefix('@') {
+            let v: u64 = n
+                .parse()
+                .map_err(|_| Error::InvalidArgument(format!("invalid version {spec:?}: use @N, head or a snapshot name")))?;
+            if v == row.version {
+                return Ok((v, row.size));
+            }
+            return snaps
+                .iter()
+                .find(|s| s.version == v)
+                .map(|s| (s.version, s.size))
+                .ok_or(Error::VersionNotRetained {
+                    image: image.into(),
+                    version: v,
+                });
+        }
+        snaps
+            .iter()
+            .find(|s| s.name == spec)
+            .map(|s| (s.version, s.size))
+            .ok_or_else(|| Error::NoSuchSnapshot {
+                image: image.into(),
+                snapshot: spec.into(),
+            })
+    }
+
+    /// Blocks that differ between two retained versions (`head`, `@N`, or a
+    /// snapshot name), from the index: O(rows changed), no scan of the map.
+    pub fn diff(&self, image: &str, from: &str, to: &str) -> Result<Diff> {
+        let row = self.image_row(image)?;
+        let (mut a, mut a_size) = self.resolve_version(image, from)?;
+        let (mut b, mut b_size) = self.resolve_version(image, to)?;
+        if a > b {
+            std::mem::swap(&mut a, &mut b);
+            std::mem::swap(&mut a_size, &mut b_size);
+        }
+        let db = self.db();
+        let mut st = db.prepare_cached(
+            "SELECT block, born, hash FROM map WHERE image = ?1 AND born > ?2 AND born <= ?3
+               AND (died IS NULL OR died > ?3)
+             UNION ALL
+             SELECT block, born, hash FROM map WHERE image = ?1 AND died > ?2 AND died <= ?3 AND born <= ?2",
+        )?;
+        // Per block: the hash visible at `a` (rows that died in (a, b]) and at `b` (rows born in (a, b]).
+        let mut at: BTreeMap<u64, (Option<BlockHash>, Option<BlockHash>)> = BTreeMap::new();
+        let rows = st.query_map(params![row.id, a as i64, b as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, meta::hash_from_row(r, 2)?))
+        })?;
+        for r in rows {
+            let (block, born, hash) = r?;
+            let e = at.entry(block).or_default();
+            if born <= a {
+                e.0 = Some(hash);
+            } else {
+                e.1 = Some(hash);
+            }
+        }
+        let mut changed: Vec<Range<u64>> = Vec::new();
+        for (block, (ha, hb)) in at {
+            if ha == hb {
+                continue;
+            }
+            match changed.last_mut() {
+                Some(r) if r.end == block => r.end += 1,
+                _ => changed.push(block..block + 1),
+            }
+        }
+        Ok(Diff {
+            from_version: a,
+            to_version: b,
+            from_size: a_size,
+            to_size: b_size,
+            changed,
+        })
+    }
+
+    /// The head map of an image with each block's location, by block index.
+    pub fn live_map(&self, image: &str) -> Result<Vec<(u64, BlockHash, Option<BlockLoc>)>> {
+        let row = self.image_row(image)?;
+        let db = self.db();
+        let mut st = db.prepare(
+            "SELECT m.block, m.hash, b.pack, b.offset, b.stored_len, b.raw_len, b.codec
+               FROM map m LEFT JOIN blocks b ON b.hash = m.hash
+              WHERE m.image = ?1 AND m.died IS NULL ORDER BY m.block",
+        )?;
+        let rows = st
+            .query_map([row.id], |r| {
+                let loc = match r.get::<_, Option<i64>>(2)? {
+                    Some(_) => Some(BlockLoc {
+                        pack: r.get::<_, i64>(2)? as u64,
+                        offset: r.get::<_, i64>(3)? as u64,
+                        stored_len: r.get::<_, i64>(4)? as u32,
+                        raw_len: r.get::<_, i64>(5)? as u32,
+                        codec: Codec::from_u8(r.get::<_, i64>(6)? as u8).unwrap_or(Codec::Raw),
+                    }),
+                    None => None,
+                };
+                Ok((r.get::<_, i64>(0)? as u64, meta::hash_from_row(r, 1)?, loc))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Store-wide usage figures.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let bs = self.block_size();
+        let mut s = StoreStats::default();
+        {
+            let db = self.db();
+            let (images, logical): (i64, i64) =
+                db.query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            s.images = images as u64;
+            s.logical = logical as u64;
+            s.snapshots = db.query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))? as u64;
+            let live: i64 = db.query_row("SELECT COUNT(*) FROM map WHERE died IS NULL", [], |r| r.get(0))?;
+            s.referenced = live as u64 * bs;
+            s.unique = db.query_row(
+                "SELECT COALESCE(SUM(raw_len), 0) FROM blocks WHERE hash IN (SELECT hash FROM map WHERE died IS NULL)",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            let (u, st): (i64, i64) = db.query_row(
+                "SELECT COALESCE(SUM(raw_len), 0), COALESCE(SUM(stored_len), 0) FROM blocks
+                  WHERE hash IN (SELECT hash FROM map)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            s.unique_with_snapshots = u as u64;
+            s.stored = st as u64;
+            s.indexed_blocks = db.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get::<_, i64>(0))? as u64;
+        }
+        for id in self.inner.packs.list().map_err(|e| Error::io("listing packs", e))? {
+            s.pack_bytes += self.inner.packs.len(id).unwrap_or(0);
+        }
+        s.compress_ratio = ratio(s.unique_with_snapshots, s.stored);
+        s.dedup_ratio = ratio(s.referenced, s.unique);
+        Ok(s)
+    }
+
+    /// Apply a sealed change set to an image as ONE transaction (called by
+    /// [`ImageHandle::commit`] after the packs it uses are synced).
+    pub(crate) fn apply_commit(&self, c: &CommitRequest<'_>) -> Result<(u64, Stamp)> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let row = image_row_by_id(&tx, c.image_id, c.name)?;
+        if row.version != c.base_version {
+            return Err(Error::Conflict {
+                image: c.name.into(),
+                expected: c.base_version,
+                found: row.version,
+            });
+        }
+        let v = row.version + 1;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO blocks(hash, pack, offset, stored_len, raw_len, codec)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let mut ends: BTreeMap<PackId, u64> = BTreeMap::new();
+            for (hash, loc) in c.new_blocks {
+                ins.execute(params![
+                    &hash.0[..],
+                    loc.pack as i64,
+                    loc.offset as i64,
+                    loc.stored_len as i64,
+                    loc.raw_len as i64,
+                    loc.codec as i64
+                ])?;
+                let e = ends.entry(loc.pack).or_default();
+                *e = (*e).max(loc.end());
+            }
+            let mut packs = tx.prepare_cached(
+                "INSERT INTO packs(id, committed_len) VALUES (?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET committed_len = MAX(committed_len, excluded.committed_len)",
+            )?;
+            for (pack, end) in ends {
+                packs.execute(params![pack as i64, end as i64])?;
+            }
+            if let Some(t) = c.trunc_from {
+                tx.execute(
+                    "UPDATE map SET died = ?3 WHERE image = ?1 AND died IS NULL AND block >= ?2",
+                    params![c.image_id, t as i64, v as i64],
+                )?;
+            }
+            let mut kill = tx.prepare_cached(
+                "UPDATE map SET died = ?3 WHERE image = ?1 AND block = ?2 AND died IS NULL",
+            )?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO map(image, block, born, died, hash) VALUES (?1, ?2, ?3, NULL, ?4)")?;
+            for (&block, staged) in c.staged {
+                kill.execute(params![c.image_id, block as i64, v as i64])?;
+                if let Staged::Block(h) = staged {
+                    insert.execute(params![c.image_id, block as i64, v as i64, &h.0[..]])?;
+                }
+            }
+        }
+        let stamp = bump_version(&tx, &row, v, c.size, self.inner.config.node_id)?;
+        meta::prune(&tx, c.image_id, v, v)?;
+        tx.commit()?;
+        Ok((v, stamp))
+    }
+}
+
+/// What a handle commits.
+pub(crate) struct CommitRequest<'a> {
+    pub image_id: i64,
+    pub name: &'a str,
+    pub base_version: u64,
+    pub size: u64,
+    pub trunc_from: Option<u64>,
+    pub staged: &'a BTreeMap<u64, Staged>,
+    pub new_blocks: &'a HashMap<BlockHash, BlockLoc>,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn take_writer_lock(dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("store.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Err(Error::Busy(format!(
+                "another process ({}) has the store at {} open for writing",
+                match holder.trim() {
+                    "" => "unknown pid".to_string(),
+                    pid => format!("pid {pid}"),
+                },
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("locking the store", e)),
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+pub(crate) fn loc_from_row(r: &rusqlite::Row) -> rusqlite::Result<BlockLoc> {
+    Ok(BlockLoc {
+        pack: r.get::<_, i64>(0)? as u64,
+        offset: r.get::<_, i64>(1)? as u64,
+        stored_len: r.get::<_, i64>(2)? as u32,
+        raw_len: r.get::<_, i64>(3)? as u32,
+        codec: Codec::from_u8(r.get::<_, i64>(4)? as u8).unwrap_or(Codec::Raw),
+    })
+}
+
+/// An image's row.
+#[derive(Clone, Debug)]
+pub(crate) struct ImageRow {
+    pub id: i64,
+    pub name: String,
+    pub size: u64,
+    pub version: u64,
+    pub stamp: Stamp,
+    pub quota: Option<u64>,
+    pub created_ms: u64,
+}
+
+const IMAGE_COLS: &str = "id, name, size, version, stamp_ms, stamp_ctr, origin, quota, created_ms";
+
+fn image_from_row(r: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        size: r.get::<_, i64>(2)? as u64,
+        version: r.get::<_, i64>(3)? as u64,
+        stamp: meta::stamp_from_row(r, 4)?,
+        quota: r.get::<_, Option<i64>>(7)?.map(|q| q as u64),
+        created_ms: r.get::<_, i64>(8)? as u64,
+    })
+}
+
+fn image_row(conn: &Connection, name: &str) -> Result<ImageRow> {
+    conn.query_row(
+        &format!("SELECT {IMAGE_COLS} FROM images WHERE name = ?1"),
+        [name],
+        image_from_row,
+    )
+    .optional()?
+    .ok_or_else(|| Error::NoSuchImage(name.into()))
+}
+
+fn image_row_by_id(conn: &Connection, id: i64, name: &str) -> Result<ImageRow> {
+    conn.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"), [id], image_from_row)
+        .optional()?
+        .ok_or_else(|| Error::NoSuchImage(name.into()))
+}
+
+fn snapshots_of(conn: &Connection, image: i64) -> Result<Vec<SnapshotInfo>> {
+    let mut st = conn.prepare_cached(
+        "SELECT name, version, size, stamp_ms, stamp_ctr, origin, created_ms FROM snapshots
+          WHERE image = ?1 ORDER BY version, created_ms, name",
+    )?;
+    let rows = st
+        .query_map([image], |r| {
+            Ok(SnapshotInfo {
+                name: r.get(0)?,
+                version: r.get::<_, i64>(1)? as u64,
+                size: r.get::<_, i64>(2)? as u64,
+                stamp: meta::stamp_from_row(r, 3)?,
+                created_ms: r.get::<_, i64>(6)? as u64,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+fn snapshot_row(conn: &Connection, image: &ImageRow, snap: &str) -> Result<SnapshotInfo> {
+    validate_name(snap)?;
+    snapshots_of(conn, image.id)?
+        .into_iter()
+        .find(|s| s.name == snap)
+        .ok_or_else(|| Error::NoSuchSnapshot {
+            image: image.name.clone(),
+            snapshot: snap.into(),
+        })
+}
+
+fn bump_version(tx: &Transaction<'_>, row: &ImageRow, v: u64, size: u64, node: NodeId) -> Result<Stamp> {
+    let stamp = meta::next_stamp(tx, node)?;
+    let seq = meta::next_seq(tx)?;
+    tx.execute(
+        "UPDATE images SET version = ?2, size = ?3, stamp_ms = ?4, stamp_ctr = ?5, origin = ?6, seq = ?7
+          WHERE id = ?1",
+        params![
+            row.id,
+            v as i64,
+            size as i64,
+            stamp.hlc.wall_ms as i64,
+            stamp.hlc.counter as i64,
+            &stamp.origin.0[..],
+            seq
+        ],
+    )?;
+    Ok(stamp)
+}
