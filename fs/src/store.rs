@@ -1009,6 +1009,14 @@ impl Store {
             });
         }
         let v = row.version + 1;
+        let count_live = || -> Result<u64> {
+            Ok(tx.query_row(
+                "SELECT COUNT(*) FROM map WHERE image = ?1 AND died IS NULL",
+                [c.image_id],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+        };
+        let live_before = if row.quota.is_some() { count_live()? } else { 0 };
         {
             let mut ins = tx.prepare_cached(
                 "INSERT OR IGNORE INTO blocks(hash, pack, offset, stored_len, raw_len, codec)
@@ -1050,6 +1058,17 @@ impl Store {
                 if let Staged::Block(h) = staged {
                     insert.execute(params![c.image_id, block as i64, v as i64, &h.0[..]])?;
                 }
+            }
+        }
+        if let Some(quota) = row.quota {
+            let live = count_live()?;
+            // Refuse growth past the quota; a commit that shrinks usage is always allowed.
+            if live * self.block_size() > quota && live > live_before {
+                // Dropping `tx` rolls everything back.
+                return Err(Error::QuotaExceeded {
+                    image: c.name.into(),
+                    quota,
+                });
             }
         }
         let stamp = bump_version(&tx, &row, v, c.size, self.inner.config.node_id)?;

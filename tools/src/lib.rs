@@ -1,0 +1,6 @@
+//! The `geosync` command line ([`cli`]) and the benchmark harness ([`bench`]).
+#![deny(missing_docs)]
+
+pub mod bench;
+pub mod cli;
+pub mod units;
