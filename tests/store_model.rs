@@ -1,0 +1,307 @@
+//! Model test: random sequences of write / punch / resize / commit /
+//! snapshot / rollback / clone / delete-snapshot / gc — and, with the
+//! fault-injecting backend, failing fsyncs, full disks, torn writes and
+//! crashes — checked after every step against plain byte arrays.
+//!
+//! Size with `GEOSYNC_PROPTEST_CASES` (default 24 cases per backend).
+
+use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
+use geosync_fs::{ImageHandle, InitOptions, OpenMode, Store};
+use geosync_suite::model::*;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+enum Backend {
+    Disk,
+    Fault(FaultPacks<MemPacks>),
+}
+
+struct Sut {
+    dir: tempfile::TempDir,
+    backend: Backend,
+    store: Option<Store>,
+    handles: Vec<Option<ImageHandle>>,
+    model: Vec<Option<ModelImage>>,
+    snaps: usize,
+}
+
+fn opts() -> InitOptions {
+    InitOptions {
+        block_size: BS as u32,
+        compression: "zstd:1".parse().unwrap(),
+    }
+}
+
+impl Sut {
+    fn new(faults: bool) -> Sut {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = if faults {
+            let f = FaultPacks::new(MemPacks::new());
+            Store::init_with(&dir.path().join("meta.db"), Box::new(f.clone()), &opts()).unwrap();
+            Backend::Fault(f)
+        } else {
+            Store::init(dir.path(), &opts()).unwrap();
+            Backend::Disk
+        };
+        let mut s = Sut {
+            dir,
+            backend,
+            store: None,
+            handles: (0..SLOTS).map(|_| None).collect(),
+            model: vec![None; SLOTS],
+            snaps: 0,
+        };
+        s.reopen();
+        s
+    }
+
+    fn store(&self) -> &Store {
+        self.store.as_ref().unwrap()
+    }
+
+    fn open_handle(&self, i: usize) -> ImageHandle {
+        let mut h = self.store().open_image(&slot_name(i)).unwrap();
+        h.set_dirty_limit(2 * BS as usize); // exercise sealing before commit
+        h
+    }
+
+    fn reopen(&mut self) {
+        self.handles.iter_mut().for_each(|h| *h = None);
+        self.store = None;
+        let store = match &self.backend {
+            Backend::Disk => Store::open(self.dir.path(), OpenMode::ReadWrite).unwrap(),
+            Backend::Fault(f) => {
+                Store::open_with(&self.dir.path().join("meta.db"), Box::new(f.clone()), OpenMode::ReadWrite).unwrap()
+            }
+        };
+        self.store = Some(store);
+        for i in 0..SLOTS {
+            if let Some(m) = &mut self.model[i] {
+                m.current = m.committed.clone();
+                self.handles[i] = Some(self.open_handle(i));
+            }
+        }
+    }
+
+    fn commit(&mut self, i: usize) {
+        if let (Some(h), Some(m)) = (&mut self.handles[i], &mut self.model[i]) {
+            h.commit().unwrap();
+            m.committed = m.current.clone();
+        }
+    }
+
+    fn commit_all(&mut self) {
+        for i in 0..SLOTS {
+            self.commit(i);
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Write { img, offset, len, fill } => {
+                if self.model[img].is_none() {
+                    self.store().create_image(&slot_name(img), 0).unwrap();
+                    self.model[img] = Some(ModelImage::default());
+                    self.handles[img] = Some(self.open_handle(img));
+                }
+                let bytes = fill.bytes(len);
+                self.handles[img].as_mut().unwrap().write(offset, &bytes).unwrap();
+                model_write(&mut self.model[img].as_mut().unwrap().current, offset, &bytes);
+            }
+            Op::Punch { img, offset, len } => {
+                if let Some(m) = &mut self.model[img] {
+                    self.handles[img].as_mut().unwrap().punch(offset, len).unwrap();
+                    model_punch(&mut m.current, offset, len);
+                }
+            }
+            Op::Resize { img, size } => {
+                if let Some(m) = &mut self.model[img] {
+                    self.handles[img].as_mut().unwrap().set_size(size).unwrap();
+                    m.current.resize(size as usize, 0);
+                }
+            }
+            Op::Commit { img } => self.commit(img),
+            Op::Snapshot { img } => {
+                if self.model[img].is_some() {
+                    self.commit(img);
+                    self.snaps += 1;
+                    let name = format!("s{}", self.snaps);
+                    self.store().create_snapshot(&slot_name(img), &name).unwrap();
+                    let m = self.model[img].as_mut().unwrap();
+                    m.snapshots.push((name, m.committed.clone()));
+                }
+            }
+            Op::Rollback { img, which } => {
+                if self.model[img].as_ref().is_some_and(|m| !m.snapshots.is_empty()) {
+                    self.commit(img);
+                    let m = self.model[img].as_mut().unwrap();
+                    let (name, data) = m.snapshots[which % m.snapshots.len()].clone();
+                    m.committed = data.clone();
+                    m.current = data;
+                    self.store().rollback(&slot_name(img), &name).unwrap();
+                    self.handles[img] = Some(self.open_handle(img));
+                }
+            }
+            Op::Clone { src, dst } => {
+                if src != dst && self.model[src].is_some() && self.model[dst].is_none() {
+                    self.commit(src);
+                    self.store().clone_image(&slot_name(src), None, &slot_name(dst)).unwrap();
+                    let data = self.model[src].as_ref().unwrap().committed.clone();
+                    self.model[dst] = Some(ModelImage {
+                        committed: data.clone(),
+                        current: data,
+                        snapshots: vec![],
+                    });
+                    self.handles[dst] = Some(self.open_handle(dst));
+                }
+            }
+            Op::DeleteSnapshot { img, which } => {
+                if self.model[img].as_ref().is_some_and(|m| !m.snapshots.is_empty()) {
+                    self.commit(img);
+                    let m = self.model[img].as_mut().unwrap();
+                    let (name, _) = m.snapshots.remove(which % m.snapshots.len());
+                    self.store().delete_snapshot(&slot_name(img), &name).unwrap();
+                }
+            }
+            Op::Gc => {
+                self.commit_all();
+                self.store().gc(false).unwrap();
+            }
+            Op::FaultyCommit { img, kind } => {
+                let Backend::Fault(f) = &self.backend else { return };
+                let f = f.clone();
+                if self.model[img].is_none() {
+                    return;
+                }
+                // Other images commit first: a failed fsync poisons the shared pack.
+                for i in (0..SLOTS).filter(|&i| i != img) {
+                    self.commit(i);
+                }
+                f.set_plan(match kind {
+                    0 => FaultPlan {
+                        fail_sync_at: Some(0),
+                        ..Default::default()
+                    },
+                    1 => FaultPlan {
+                        enospc_after_bytes: Some(0),
+                        ..Default::default()
+                    },
+                    _ => FaultPlan {
+                        short_write_at: Some(0),
+                        ..Default::default()
+                    },
+                });
+                let r = self.handles[img].as_mut().unwrap().commit();
+                f.set_plan(FaultPlan::default());
+                let m = self.model[img].as_mut().unwrap();
+                match r {
+                    Ok(_) => m.committed = m.current.clone(),
+                    Err(e) => {
+                        if kind == 1 {
+                            assert!(matches!(e, geosync_fs::Error::NoSpace(_)), "{e}");
+                        }
+                        m.current = m.committed.clone();
+                    }
+                }
+            }
+            Op::Crash => {
+                if let Backend::Fault(f) = &self.backend {
+                    let f = f.clone();
+                    self.handles.iter_mut().for_each(|h| *h = None);
+                    self.store = None;
+                    f.crash();
+                }
+                self.reopen();
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), TestCaseError> {
+        for i in 0..SLOTS {
+            let Some(m) = &self.model[i] else { continue };
+            let h = self.handles[i].as_ref().unwrap();
+            prop_assert_eq!(h.size(), m.current.len() as u64, "size of {}", slot_name(i));
+            let mut buf = vec![0xAAu8; m.current.len()];
+            h.read(0, &mut buf).unwrap();
+            prop_assert!(buf == m.current, "contents of {} differ from the model", slot_name(i));
+            let size = m.current.len() as u64;
+            for b in 0..=size.div_ceil(BS) {
+                for off in [b * BS, b * BS + 1, b * BS + BS - 1] {
+                    prop_assert_eq!(h.seek_data(off).unwrap(), m.seek_data(off), "SEEK_DATA {} of {}", off, slot_name(i));
+                    prop_assert_eq!(h.seek_hole(off).unwrap(), m.seek_hole(off), "SEEK_HOLE {} of {}", off, slot_name(i));
+                }
+            }
+            // The committed version, through a fresh handle.
+            let fresh = self.store().open_image(&slot_name(i)).unwrap();
+            prop_assert_eq!(fresh.size(), m.committed.len() as u64);
+            let mut buf = vec![0xAAu8; m.committed.len()];
+            fresh.read(0, &mut buf).unwrap();
+            prop_assert!(buf == m.committed, "committed contents of {} differ", slot_name(i));
+        }
+        Ok(())
+    }
+
+    /// End of a case: snapshots hold what they pinned, diffs are exact, and
+    /// scrub finds nothing wrong.
+    fn check_final(&mut self) -> Result<(), TestCaseError> {
+        self.commit_all();
+        let store = self.store().clone();
+        for i in 0..SLOTS {
+            let Some(m) = self.model[i].clone() else { continue };
+            for (name, data) in &m.snapshots {
+                store.clone_image(&slot_name(i), Some(name), "check").unwrap();
+                let h = store.open_image("check").unwrap();
+                let mut buf = vec![0xAAu8; data.len()];
+                prop_assert_eq!(h.size(), data.len() as u64);
+                h.read(0, &mut buf).unwrap();
+                prop_assert!(&buf == data, "snapshot {} of {} differs", name, slot_name(i));
+                drop(h);
+                store.remove_image("check").unwrap();
+
+                let d = store.diff(&slot_name(i), name, "head").unwrap();
+                let got: Vec<u64> = d.changed.iter().flat_map(|r| r.clone()).collect();
+                let nb = (data.len().max(m.committed.len()) as u64).div_ceil(BS);
+                let block = |v: &Vec<u8>, b: u64| {
+                    let mut out = vec![0u8; BS as usize];
+                    let s = ((b * BS) as usize).min(v.len());
+                    let e = (((b + 1) * BS) as usize).min(v.len());
+                    out[..e - s].copy_from_slice(&v[s..e]);
+                    out
+                };
+                let want: Vec<u64> = (0..nb).filter(|&b| block(data, b) != block(&m.committed, b)).collect();
+                prop_assert_eq!(got, want, "diff {}..head of {}", name, slot_name(i));
+            }
+        }
+        let r = store.scrub(&|_| {}).unwrap();
+        prop_assert!(r.damaged.is_empty(), "scrub found damage: {:?}", r.damaged);
+        Ok(())
+    }
+}
+
+fn run(faults: bool) {
+    let mut runner = TestRunner::new(Config {
+        cases: cases(24),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&prop::collection::vec(op(faults), 1..60), |ops| {
+            let mut sut = Sut::new(faults);
+            for op in &ops {
+                sut.apply(op);
+                sut.check()?;
+            }
+            sut.check_final()
+        })
+        .unwrap();
+}
+
+#[test]
+fn model_disk_store() {
+    run(false);
+}
+
+#[test]
+fn model_fault_injecting_store() {
+    run(true);
+}
