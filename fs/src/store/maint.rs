@@ -109,11 +109,8 @@ impl Store {
         }
         drop(st);
         drop(db);
-        let active = self.inner.writer.lock().unwrap().active.map(|a| a.0);
+        // The active pack counts like any other: `gc` closes it before it plans.
         for id in self.inner.packs.list().map_err(|e| Error::io("listing packs", e))? {
-            if Some(id) == active {
-                continue;
-            }
             let len = self.inner.packs.len(id).map_err(|e| Error::io(format!("reading pack {id}"), e))?;
             let l = live.get(&id).copied().unwrap_or(0);
             if l == 0 {

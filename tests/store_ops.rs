@@ -1,0 +1,293 @@
+//! Store operations and their failure paths, on a real disk store.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
+use geosync_fs::{Error, InitOptions, OpenMode, Store};
+
+const BS: u64 = 4096;
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::init(
+        dir.path(),
+        &InitOptions {
+            block_size: BS as u32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (dir, s)
+}
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.finalize_xof().fill(&mut v);
+    v
+}
+
+fn read_all(s: &Store, name: &str) -> Vec<u8> {
+    let h = s.open_image(name).unwrap();
+    let mut buf = vec![0u8; h.size() as usize];
+    h.read(0, &mut buf).unwrap();
+    buf
+}
+
+fn write_commit(s: &Store, name: &str, off: u64, data: &[u8]) -> u64 {
+    let mut h = s.open_image(name).unwrap();
+    h.write(off, data).unwrap();
+    h.commit().unwrap().version
+}
+
+#[test]
+fn versions_stamps_snapshots_rollback_diff() {
+    let (_d, s) = new_store();
+    s.create_image("vm", 16 * BS).unwrap();
+    let v2 = write_commit(&s, "vm", 0, &noise(1, 4 * BS as usize));
+    let st2 = s.image_info("vm").unwrap().stamp;
+    s.create_snapshot("vm", "before").unwrap();
+    let v3 = write_commit(&s, "vm", 2 * BS, &noise(2, 2 * BS as usize));
+    assert_eq!(v3, v2 + 1);
+    let st3 = s.image_info("vm").unwrap().stamp;
+    assert!(st3 > st2, "stamps must increase");
+    assert_eq!(st3.origin, s.config().node_id);
+
+    let d = s.diff("vm", "before", "head").unwrap();
+    assert_eq!(d.changed, vec![2..4]);
+    assert_eq!(s.diff("vm", "head", "before").unwrap().changed, vec![2..4]);
+    assert_eq!(s.diff("vm", &format!("@{v2}"), &format!("@{v3}")).unwrap().changed, vec![2..4]);
+    assert!(matches!(
+        s.diff("vm", "@1", "head"),
+        Err(Error::VersionNotRetained { version: 1, .. })
+    ));
+    assert!(matches!(s.diff("vm", "nope", "head"), Err(Error::NoSuchSnapshot { .. })));
+
+    let before = {
+        let mut b = noise(1, 4 * BS as usize);
+        b.resize(16 * BS as usize, 0);
+        b
+    };
+    s.create_snapshot("vm", "after").unwrap();
+    let after = read_all(&s, "vm");
+    s.rollback("vm", "before").unwrap();
+    assert_eq!(read_all(&s, "vm"), before);
+    // The newer state is still reachable through its snapshot.
+    s.rollback("vm", "after").unwrap();
+    assert_eq!(read_all(&s, "vm"), after);
+    assert!(matches!(s.create_snapshot("vm", "after"), Err(Error::SnapshotExists { .. })));
+    s.delete_snapshot("vm", "before").unwrap();
+    assert!(matches!(s.rollback("vm", "before"), Err(Error::NoSuchSnapshot { .. })));
+}
+
+#[test]
+fn clone_shares_blocks_and_diverges() {
+    let (_d, s) = new_store();
+    s.create_image("base", 64 * BS).unwrap();
+    write_commit(&s, "base", 0, &noise(3, 32 * BS as usize));
+    let before = s.stats().unwrap();
+    for i in 0..5 {
+        s.clone_image("base", None, &format!("c{i}")).unwrap();
+    }
+    let after = s.stats().unwrap();
+    assert_eq!(after.stored, before.stored, "clones store nothing new");
+    assert_eq!(after.referenced, 6 * before.referenced);
+    assert!((after.dedup_ratio - 6.0).abs() < 0.01, "dedup ratio {}", after.dedup_ratio);
+    write_commit(&s, "c0", 0, &noise(4, BS as usize));
+    assert_eq!(read_all(&s, "base")[..BS as usize], noise(3, 32 * BS as usize)[..BS as usize]);
+    assert!(matches!(s.clone_image("base", None, "c1"), Err(Error::ImageExists(_))));
+    assert!(matches!(s.clone_image("nope", None, "x"), Err(Error::NoSuchImage(_))));
+}
+
+#[test]
+fn resize_is_instant_and_exact() {
+    let (_d, s) = new_store();
+    s.create_image("r", 4 * BS).unwrap();
+    write_commit(&s, "r", 0, &vec![7u8; 4 * BS as usize]);
+    let mut h = s.open_image("r").unwrap();
+    h.set_size(BS + 10).unwrap();
+    h.commit().unwrap();
+    h.set_size(1 << 40).unwrap(); // 1 TiB: no work, no space
+    h.commit().unwrap();
+    let info = s.image_info("r").unwrap();
+    assert_eq!(info.size, 1 << 40);
+    assert_eq!(info.referenced, 2 * BS);
+    let mut buf = vec![1u8; 3 * BS as usize];
+    h.read(0, &mut buf).unwrap();
+    assert!(buf[..BS as usize + 10].iter().all(|&b| b == 7));
+    assert!(buf[BS as usize + 10..].iter().all(|&b| b == 0), "shrunk tail must read as zeros");
+    assert_eq!(h.seek_hole(0).unwrap(), Some(2 * BS));
+    assert_eq!(h.seek_data(2 * BS).unwrap(), None);
+}
+
+#[test]
+fn gc_frees_removed_images_and_compacts() {
+    let (d, s) = new_store();
+    s.create_image("keep", 64 * BS).unwrap();
+    s.create_image("drop", 64 * BS).unwrap();
+    // Interleave so both live in the same pack.
+    for i in 0..16 {
+        write_commit(&s, "keep", i * BS, &noise(100 + i, BS as usize));
+        write_commit(&s, "drop", i * BS, &noise(200 + i, 3 * BS as usize));
+    }
+    let keep = read_all(&s, "keep");
+    s.remove_image("drop").unwrap();
+    let plan = s.gc(true).unwrap();
+    assert!(plan.dead_blocks >= 16);
+    assert_eq!(plan.compact_packs.len(), 1, "{plan:?}");
+    let before = s.stats().unwrap().pack_bytes;
+    s.gc(false).unwrap();
+    let after = s.stats().unwrap();
+    assert!(after.pack_bytes < before / 2, "{} -> {}", before, after.pack_bytes);
+    assert_eq!(after.indexed_blocks, 16);
+    assert_eq!(read_all(&s, "keep"), keep);
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+    // Reopen: the compacted layout is what is on disk.
+    drop(s);
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    assert_eq!(read_all(&s, "keep"), keep);
+    s.remove_image("keep").unwrap();
+    s.gc(false).unwrap();
+    assert_eq!(s.stats().unwrap().pack_bytes, 0);
+}
+
+/// A commit that deduplicates against a block no image references any more
+/// races a GC: the GC must wait for the commit, and the block must survive.
+#[test]
+fn gc_protect_race() {
+    let (_d, s) = new_store();
+    let data = noise(9, 8 * BS as usize);
+    s.create_image("old", 8 * BS).unwrap();
+    write_commit(&s, "old", 0, &data);
+    s.remove_image("old").unwrap(); // its blocks are now garbage, still indexed
+
+    s.create_image("new", 8 * BS).unwrap();
+    let mut h = s.open_image("new").unwrap();
+    h.set_dirty_limit(BS as usize);
+    h.write(0, &data).unwrap(); // seals: every block dedups against the garbage
+    let done = Arc::new(AtomicBool::new(false));
+    let gc = {
+        let (s, done) = (s.clone(), done.clone());
+        std::thread::spawn(move || {
+            let plan = s.gc(false).unwrap();
+            done.store(true, Ordering::SeqCst);
+            plan
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!done.load(Ordering::SeqCst), "GC ran while a commit relied on its garbage");
+    h.commit().unwrap();
+    gc.join().unwrap();
+    assert_eq!(read_all(&s, "new"), data);
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+}
+
+#[test]
+fn quota_refuses_growth_and_keeps_the_image() {
+    let (_d, s) = new_store();
+    s.create_image("q", 64 * BS).unwrap();
+    s.set_quota("q", Some(4 * BS)).unwrap();
+    write_commit(&s, "q", 0, &noise(1, 3 * BS as usize));
+    let before = read_all(&s, "q");
+    let mut h = s.open_image("q").unwrap();
+    h.write(10 * BS, &noise(2, 2 * BS as usize)).unwrap();
+    assert!(matches!(h.commit(), Err(Error::QuotaExceeded { .. })));
+    assert_eq!(read_all(&s, "q"), before);
+    // Freeing space is always allowed.
+    h.punch(0, BS).unwrap();
+    h.commit().unwrap();
+    assert_eq!(s.image_info("q").unwrap().referenced, 2 * BS);
+}
+
+#[test]
+fn full_disk_during_commit_keeps_the_previous_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let packs = FaultPacks::new(MemPacks::new());
+    Store::init_with(&db, Box::new(packs.clone()), &InitOptions::default()).unwrap();
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    s.create_image("img", 1 << 20).unwrap();
+    write_commit(&s, "img", 0, &noise(1, 256 << 10));
+    let before = read_all(&s, "img");
+    let mut h = s.open_image("img").unwrap();
+    h.write(512 << 10, &noise(2, 256 << 10)).unwrap();
+    packs.set_plan(FaultPlan {
+        enospc_after_bytes: Some(1000),
+        ..Default::default()
+    });
+    let e = h.commit().unwrap_err();
+    assert!(matches!(e, Error::NoSpace(_)), "{e}");
+    assert!(e.to_string().contains("no space left"), "{e}");
+    assert_eq!(read_all(&s, "img"), before);
+    assert_eq!(s.image_info("img").unwrap().version, 2);
+    // Space comes back: writing works again.
+    packs.set_plan(FaultPlan::default());
+    write_commit(&s, "img", 512 << 10, &noise(2, 256 << 10));
+    // A failed fsync is reported and the old version stays.
+    let mut h = s.open_image("img").unwrap();
+    h.write(0, &noise(3, 64 << 10)).unwrap();
+    packs.set_plan(FaultPlan {
+        fail_sync_at: Some(0),
+        ..Default::default()
+    });
+    assert!(matches!(h.commit(), Err(Error::Io { .. })));
+    packs.set_plan(FaultPlan::default());
+    packs.crash();
+    drop(h);
+    drop(s);
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    assert_eq!(s.image_info("img").unwrap().version, 3);
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let (d, s) = new_store();
+    for bad in ["", "..", "a/b", "../etc", ".x", "a\u{1}b", &"x".repeat(129)] {
+        let e = s.create_image(bad, 0).unwrap_err();
+        assert!(matches!(e, Error::InvalidName { .. }), "{bad:?}: {e}");
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+    s.create_image("ok", 0).unwrap();
+    assert!(matches!(s.create_snapshot("ok", "a/b"), Err(Error::InvalidName { .. })));
+    assert!(matches!(s.rename_image("ok", ".."), Err(Error::InvalidName { .. })));
+    assert!(matches!(s.create_image("ok", 0), Err(Error::ImageExists(_))));
+    assert!(matches!(s.open_image("missing"), Err(Error::NoSuchImage(_))));
+    assert_eq!(s.open_image("missing").unwrap_err().errno(), libc::ENOENT);
+
+    // One writer process at a time; readers are fine.
+    let e = Store::open(d.path(), OpenMode::ReadWrite).unwrap_err();
+    assert!(matches!(e, Error::Busy(_)), "{e}");
+    assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+    let ro = Store::open(d.path(), OpenMode::ReadOnly).unwrap();
+    assert!(ro.create_image("x", 0).is_err());
+    drop(ro);
+    drop(s);
+
+    // Missing store, another format version.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(Store::open(empty.path(), OpenMode::ReadOnly), Err(Error::NoStore(_))));
+    assert!(matches!(Store::init(d.path(), &InitOptions::default()), Err(Error::StoreExists(_))));
+    let conn = rusqlite_conn(&d.path().join("meta.db"));
+    conn.execute("UPDATE store SET value = 99 WHERE key = 'format_version'", []).unwrap();
+    drop(conn);
+    let e = Store::open(d.path(), OpenMode::ReadOnly).unwrap_err();
+    assert!(matches!(e, Error::FormatVersion { found: 99, supported: 1 }), "{e}");
+
+    let e = Store::init(
+        tempfile::tempdir().unwrap().path(),
+        &InitOptions {
+            block_size: 3000,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)));
+}
+
+fn rusqlite_conn(p: &std::path::Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(p).unwrap()
+}
