@@ -176,7 +176,9 @@ impl ModelImage {
         }
         let nb = size.div_ceil(BS);
         let b0 = off / BS;
-        (b0..nb).find(|&b| block_is_data(data, b)).map(|b| if b == b0 { off } else { b * BS })
+        (b0..nb)
+            .find(|&b| block_is_data(data, b))
+            .map(|b| if b == b0 { off } else { b * BS })
     }
 
     /// `lseek(SEEK_HOLE)` as geosync answers it.

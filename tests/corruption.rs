@@ -56,7 +56,11 @@ fn loc_of(s: &Store, image: &str, block: u64) -> BlockLoc {
 }
 
 fn flip_byte(path: &Path, offset: u64) {
-    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] ^= 0x5a;
@@ -82,7 +86,10 @@ fn flipped_byte_is_an_integrity_error_naming_image_and_block() {
     assert_eq!(e.errno(), libc::EIO);
     // Nothing else is affected.
     for blk in [0, 1, 2, 4, 5, 6, 7] {
-        assert_eq!(read_block(&s, "a", blk).unwrap(), a[(blk * BS) as usize..((blk + 1) * BS) as usize]);
+        assert_eq!(
+            read_block(&s, "a", blk).unwrap(),
+            a[(blk * BS) as usize..((blk + 1) * BS) as usize]
+        );
     }
     let h = s.open_image("b").unwrap();
     let mut buf = vec![0u8; b.len()];
@@ -100,8 +107,14 @@ fn flipped_byte_is_an_integrity_error_naming_image_and_block() {
     assert_eq!(r.records_damaged.len(), 1);
     assert_eq!(r.missing.len(), 1);
     assert_eq!(r.missing[0].users, vec![("a".to_string(), 3, true)]);
-    assert!(matches!(read_block(&s, "a", 3), Err(Error::MissingBlock { .. })));
-    assert_eq!(read_block(&s, "a", 4).unwrap(), a[(4 * BS) as usize..(5 * BS) as usize]);
+    assert!(matches!(
+        read_block(&s, "a", 3),
+        Err(Error::MissingBlock { .. })
+    ));
+    assert_eq!(
+        read_block(&s, "a", 4).unwrap(),
+        a[(4 * BS) as usize..(5 * BS) as usize]
+    );
 }
 
 #[test]
@@ -112,16 +125,25 @@ fn lost_or_wrong_index_is_rebuilt_from_packs() {
         let c = rusqlite::Connection::open(d.path().join("meta.db")).unwrap();
         // Half the index is gone, and one entry points at the wrong offset.
         let n = c
-            .execute("DELETE FROM blocks WHERE hash IN (SELECT hash FROM blocks ORDER BY hash LIMIT 6)", [])
+            .execute(
+                "DELETE FROM blocks WHERE hash IN (SELECT hash FROM blocks ORDER BY hash LIMIT 6)",
+                [],
+            )
             .unwrap();
         assert_eq!(n, 6);
-        c.execute("UPDATE blocks SET offset = offset + 1 WHERE hash = (SELECT hash FROM blocks LIMIT 1)", [])
-            .unwrap();
+        c.execute(
+            "UPDATE blocks SET offset = offset + 1 WHERE hash = (SELECT hash FROM blocks LIMIT 1)",
+            [],
+        )
+        .unwrap();
     }
     let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
     let r = s.scrub(&|_| {}).unwrap();
     assert_eq!(r.damaged.len(), 7, "{:#?}", r.damaged);
-    assert!(r.damaged.iter().any(|x| x.what.contains("not in the index")));
+    assert!(r
+        .damaged
+        .iter()
+        .any(|x| x.what.contains("not in the index")));
 
     let r = s.reindex(&|_| {}).unwrap();
     assert_eq!(r.records_ok, 12);
@@ -145,12 +167,14 @@ fn reindex_finds_an_intact_second_copy() {
     drop(s);
     {
         let c = rusqlite::Connection::open(d.path().join("meta.db")).unwrap();
-        c.execute("DELETE FROM blocks WHERE hash = ?1", [&hash.0[..]]).unwrap();
+        c.execute("DELETE FROM blocks WHERE hash = ?1", [&hash.0[..]])
+            .unwrap();
     }
     let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
     s.create_image("copy", BS).unwrap();
     let mut h = s.open_image("copy").unwrap();
-    h.write(0, &a[(5 * BS) as usize..(6 * BS) as usize]).unwrap();
+    h.write(0, &a[(5 * BS) as usize..(6 * BS) as usize])
+        .unwrap();
     h.commit().unwrap();
     let good = s.lookup(&hash).unwrap().unwrap();
     assert_ne!(good.offset, bad.offset);
@@ -159,7 +183,10 @@ fn reindex_finds_an_intact_second_copy() {
     let r = s.reindex(&|_| {}).unwrap();
     assert_eq!(r.records_damaged.len(), 1);
     assert!(r.missing.is_empty());
-    assert_eq!(read_block(&s, "a", 5).unwrap(), a[(5 * BS) as usize..(6 * BS) as usize]);
+    assert_eq!(
+        read_block(&s, "a", 5).unwrap(),
+        a[(5 * BS) as usize..(6 * BS) as usize]
+    );
     assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
 }
 
@@ -189,7 +216,12 @@ fn truncated_pack_is_reported_not_silently_served() {
     drop(s);
     let path = pack_path(d.path(), loc.pack);
     let len = std::fs::metadata(&path).unwrap().len();
-    OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 100).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
 
     let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
     let e = read_block(&s, "b", 3).unwrap_err();

@@ -70,9 +70,12 @@ impl Sut {
         self.store = None;
         let store = match &self.backend {
             Backend::Disk => Store::open(self.dir.path(), OpenMode::ReadWrite).unwrap(),
-            Backend::Fault(f) => {
-                Store::open_with(&self.dir.path().join("meta.db"), Box::new(f.clone()), OpenMode::ReadWrite).unwrap()
-            }
+            Backend::Fault(f) => Store::open_with(
+                &self.dir.path().join("meta.db"),
+                Box::new(f.clone()),
+                OpenMode::ReadWrite,
+            )
+            .unwrap(),
         };
         self.store = Some(store);
         for i in 0..SLOTS {
@@ -98,19 +101,36 @@ impl Sut {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Write { img, offset, len, fill } => {
+            Op::Write {
+                img,
+                offset,
+                len,
+                fill,
+            } => {
                 if self.model[img].is_none() {
                     self.store().create_image(&slot_name(img), 0).unwrap();
                     self.model[img] = Some(ModelImage::default());
                     self.handles[img] = Some(self.open_handle(img));
                 }
                 let bytes = fill.bytes(len);
-                self.handles[img].as_mut().unwrap().write(offset, &bytes).unwrap();
-                model_write(&mut self.model[img].as_mut().unwrap().current, offset, &bytes);
+                self.handles[img]
+                    .as_mut()
+                    .unwrap()
+                    .write(offset, &bytes)
+                    .unwrap();
+                model_write(
+                    &mut self.model[img].as_mut().unwrap().current,
+                    offset,
+                    &bytes,
+                );
             }
             Op::Punch { img, offset, len } => {
                 if let Some(m) = &mut self.model[img] {
-                    self.handles[img].as_mut().unwrap().punch(offset, len).unwrap();
+                    self.handles[img]
+                        .as_mut()
+                        .unwrap()
+                        .punch(offset, len)
+                        .unwrap();
                     model_punch(&mut m.current, offset, len);
                 }
             }
@@ -126,13 +146,18 @@ impl Sut {
                     self.commit(img);
                     self.snaps += 1;
                     let name = format!("s{}", self.snaps);
-                    self.store().create_snapshot(&slot_name(img), &name).unwrap();
+                    self.store()
+                        .create_snapshot(&slot_name(img), &name)
+                        .unwrap();
                     let m = self.model[img].as_mut().unwrap();
                     m.snapshots.push((name, m.committed.clone()));
                 }
             }
             Op::Rollback { img, which } => {
-                if self.model[img].as_ref().is_some_and(|m| !m.snapshots.is_empty()) {
+                if self.model[img]
+                    .as_ref()
+                    .is_some_and(|m| !m.snapshots.is_empty())
+                {
                     self.commit(img);
                     let m = self.model[img].as_mut().unwrap();
                     let (name, data) = m.snapshots[which % m.snapshots.len()].clone();
@@ -145,7 +170,9 @@ impl Sut {
             Op::Clone { src, dst } => {
                 if src != dst && self.model[src].is_some() && self.model[dst].is_none() {
                     self.commit(src);
-                    self.store().clone_image(&slot_name(src), None, &slot_name(dst)).unwrap();
+                    self.store()
+                        .clone_image(&slot_name(src), None, &slot_name(dst))
+                        .unwrap();
                     let data = self.model[src].as_ref().unwrap().committed.clone();
                     self.model[dst] = Some(ModelImage {
                         committed: data.clone(),
@@ -156,11 +183,16 @@ impl Sut {
                 }
             }
             Op::DeleteSnapshot { img, which } => {
-                if self.model[img].as_ref().is_some_and(|m| !m.snapshots.is_empty()) {
+                if self.model[img]
+                    .as_ref()
+                    .is_some_and(|m| !m.snapshots.is_empty())
+                {
                     self.commit(img);
                     let m = self.model[img].as_mut().unwrap();
                     let (name, _) = m.snapshots.remove(which % m.snapshots.len());
-                    self.store().delete_snapshot(&slot_name(img), &name).unwrap();
+                    self.store()
+                        .delete_snapshot(&slot_name(img), &name)
+                        .unwrap();
                 }
             }
             Op::Gc => {
@@ -168,7 +200,9 @@ impl Sut {
                 self.store().gc(false).unwrap();
             }
             Op::FaultyCommit { img, kind } => {
-                let Backend::Fault(f) = &self.backend else { return };
+                let Backend::Fault(f) = &self.backend else {
+                    return;
+                };
                 let f = f.clone();
                 if self.model[img].is_none() {
                     return;
@@ -223,12 +257,28 @@ impl Sut {
             prop_assert_eq!(h.size(), m.current.len() as u64, "size of {}", slot_name(i));
             let mut buf = vec![0xAAu8; m.current.len()];
             h.read(0, &mut buf).unwrap();
-            prop_assert!(buf == m.current, "contents of {} differ from the model", slot_name(i));
+            prop_assert!(
+                buf == m.current,
+                "contents of {} differ from the model",
+                slot_name(i)
+            );
             let size = m.current.len() as u64;
             for b in 0..=size.div_ceil(BS) {
                 for off in [b * BS, b * BS + 1, b * BS + BS - 1] {
-                    prop_assert_eq!(h.seek_data(off).unwrap(), m.seek_data(off), "SEEK_DATA {} of {}", off, slot_name(i));
-                    prop_assert_eq!(h.seek_hole(off).unwrap(), m.seek_hole(off), "SEEK_HOLE {} of {}", off, slot_name(i));
+                    prop_assert_eq!(
+                        h.seek_data(off).unwrap(),
+                        m.seek_data(off),
+                        "SEEK_DATA {} of {}",
+                        off,
+                        slot_name(i)
+                    );
+                    prop_assert_eq!(
+                        h.seek_hole(off).unwrap(),
+                        m.seek_hole(off),
+                        "SEEK_HOLE {} of {}",
+                        off,
+                        slot_name(i)
+                    );
                 }
             }
             // The committed version, through a fresh handle.
@@ -236,7 +286,11 @@ impl Sut {
             prop_assert_eq!(fresh.size(), m.committed.len() as u64);
             let mut buf = vec![0xAAu8; m.committed.len()];
             fresh.read(0, &mut buf).unwrap();
-            prop_assert!(buf == m.committed, "committed contents of {} differ", slot_name(i));
+            prop_assert!(
+                buf == m.committed,
+                "committed contents of {} differ",
+                slot_name(i)
+            );
         }
         Ok(())
     }
@@ -247,14 +301,23 @@ impl Sut {
         self.commit_all();
         let store = self.store().clone();
         for i in 0..SLOTS {
-            let Some(m) = self.model[i].clone() else { continue };
+            let Some(m) = self.model[i].clone() else {
+                continue;
+            };
             for (name, data) in &m.snapshots {
-                store.clone_image(&slot_name(i), Some(name), "check").unwrap();
+                store
+                    .clone_image(&slot_name(i), Some(name), "check")
+                    .unwrap();
                 let h = store.open_image("check").unwrap();
                 let mut buf = vec![0xAAu8; data.len()];
                 prop_assert_eq!(h.size(), data.len() as u64);
                 h.read(0, &mut buf).unwrap();
-                prop_assert!(&buf == data, "snapshot {} of {} differs", name, slot_name(i));
+                prop_assert!(
+                    &buf == data,
+                    "snapshot {} of {} differs",
+                    name,
+                    slot_name(i)
+                );
                 drop(h);
                 store.remove_image("check").unwrap();
 
@@ -268,7 +331,9 @@ impl Sut {
                     out[..e - s].copy_from_slice(&v[s..e]);
                     out
                 };
-                let want: Vec<u64> = (0..nb).filter(|&b| block(data, b) != block(&m.committed, b)).collect();
+                let want: Vec<u64> = (0..nb)
+                    .filter(|&b| block(data, b) != block(&m.committed, b))
+                    .collect();
                 prop_assert_eq!(got, want, "diff {}..head of {}", name, slot_name(i));
             }
         }

@@ -59,12 +59,20 @@ fn versions_stamps_snapshots_rollback_diff() {
     let d = s.diff("vm", "before", "head").unwrap();
     assert_eq!(d.changed, vec![2..4]);
     assert_eq!(s.diff("vm", "head", "before").unwrap().changed, vec![2..4]);
-    assert_eq!(s.diff("vm", &format!("@{v2}"), &format!("@{v3}")).unwrap().changed, vec![2..4]);
+    assert_eq!(
+        s.diff("vm", &format!("@{v2}"), &format!("@{v3}"))
+            .unwrap()
+            .changed,
+        vec![2..4]
+    );
     assert!(matches!(
         s.diff("vm", "@1", "head"),
         Err(Error::VersionNotRetained { version: 1, .. })
     ));
-    assert!(matches!(s.diff("vm", "nope", "head"), Err(Error::NoSuchSnapshot { .. })));
+    assert!(matches!(
+        s.diff("vm", "nope", "head"),
+        Err(Error::NoSuchSnapshot { .. })
+    ));
 
     let before = {
         let mut b = noise(1, 4 * BS as usize);
@@ -78,9 +86,15 @@ fn versions_stamps_snapshots_rollback_diff() {
     // The newer state is still reachable through its snapshot.
     s.rollback("vm", "after").unwrap();
     assert_eq!(read_all(&s, "vm"), after);
-    assert!(matches!(s.create_snapshot("vm", "after"), Err(Error::SnapshotExists { .. })));
+    assert!(matches!(
+        s.create_snapshot("vm", "after"),
+        Err(Error::SnapshotExists { .. })
+    ));
     s.delete_snapshot("vm", "before").unwrap();
-    assert!(matches!(s.rollback("vm", "before"), Err(Error::NoSuchSnapshot { .. })));
+    assert!(matches!(
+        s.rollback("vm", "before"),
+        Err(Error::NoSuchSnapshot { .. })
+    ));
 }
 
 #[test]
@@ -95,11 +109,24 @@ fn clone_shares_blocks_and_diverges() {
     let after = s.stats().unwrap();
     assert_eq!(after.stored, before.stored, "clones store nothing new");
     assert_eq!(after.referenced, 6 * before.referenced);
-    assert!((after.dedup_ratio - 6.0).abs() < 0.01, "dedup ratio {}", after.dedup_ratio);
+    assert!(
+        (after.dedup_ratio - 6.0).abs() < 0.01,
+        "dedup ratio {}",
+        after.dedup_ratio
+    );
     write_commit(&s, "c0", 0, &noise(4, BS as usize));
-    assert_eq!(read_all(&s, "base")[..BS as usize], noise(3, 32 * BS as usize)[..BS as usize]);
-    assert!(matches!(s.clone_image("base", None, "c1"), Err(Error::ImageExists(_))));
-    assert!(matches!(s.clone_image("nope", None, "x"), Err(Error::NoSuchImage(_))));
+    assert_eq!(
+        read_all(&s, "base")[..BS as usize],
+        noise(3, 32 * BS as usize)[..BS as usize]
+    );
+    assert!(matches!(
+        s.clone_image("base", None, "c1"),
+        Err(Error::ImageExists(_))
+    ));
+    assert!(matches!(
+        s.clone_image("nope", None, "x"),
+        Err(Error::NoSuchImage(_))
+    ));
 }
 
 #[test]
@@ -118,7 +145,10 @@ fn resize_is_instant_and_exact() {
     let mut buf = vec![1u8; 3 * BS as usize];
     h.read(0, &mut buf).unwrap();
     assert!(buf[..BS as usize + 10].iter().all(|&b| b == 7));
-    assert!(buf[BS as usize + 10..].iter().all(|&b| b == 0), "shrunk tail must read as zeros");
+    assert!(
+        buf[BS as usize + 10..].iter().all(|&b| b == 0),
+        "shrunk tail must read as zeros"
+    );
     assert_eq!(h.seek_hole(0).unwrap(), Some(2 * BS));
     assert_eq!(h.seek_data(2 * BS).unwrap(), None);
 }
@@ -141,7 +171,12 @@ fn gc_frees_removed_images_and_compacts() {
     let before = s.stats().unwrap().pack_bytes;
     s.gc(false).unwrap();
     let after = s.stats().unwrap();
-    assert!(after.pack_bytes < before / 2, "{} -> {}", before, after.pack_bytes);
+    assert!(
+        after.pack_bytes < before / 2,
+        "{} -> {}",
+        before,
+        after.pack_bytes
+    );
     assert_eq!(after.indexed_blocks, 16);
     assert_eq!(read_all(&s, "keep"), keep);
     assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
@@ -178,7 +213,10 @@ fn gc_protect_race() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!done.load(Ordering::SeqCst), "GC ran while a commit relied on its garbage");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "GC ran while a commit relied on its garbage"
+    );
     h.commit().unwrap();
     gc.join().unwrap();
     assert_eq!(read_all(&s, "new"), data);
@@ -252,16 +290,32 @@ fn bad_input_is_refused_clearly() {
         assert_eq!(e.errno(), libc::EINVAL);
     }
     s.create_image("ok", 0).unwrap();
-    assert!(matches!(s.create_snapshot("ok", "a/b"), Err(Error::InvalidName { .. })));
-    assert!(matches!(s.rename_image("ok", ".."), Err(Error::InvalidName { .. })));
-    assert!(matches!(s.create_image("ok", 0), Err(Error::ImageExists(_))));
-    assert!(matches!(s.open_image("missing"), Err(Error::NoSuchImage(_))));
+    assert!(matches!(
+        s.create_snapshot("ok", "a/b"),
+        Err(Error::InvalidName { .. })
+    ));
+    assert!(matches!(
+        s.rename_image("ok", ".."),
+        Err(Error::InvalidName { .. })
+    ));
+    assert!(matches!(
+        s.create_image("ok", 0),
+        Err(Error::ImageExists(_))
+    ));
+    assert!(matches!(
+        s.open_image("missing"),
+        Err(Error::NoSuchImage(_))
+    ));
     assert_eq!(s.open_image("missing").unwrap_err().errno(), libc::ENOENT);
 
     // One writer process at a time; readers are fine.
     let e = Store::open(d.path(), OpenMode::ReadWrite).unwrap_err();
     assert!(matches!(e, Error::Busy(_)), "{e}");
-    assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
     let ro = Store::open(d.path(), OpenMode::ReadOnly).unwrap();
     assert!(ro.create_image("x", 0).is_err());
     drop(ro);
@@ -269,13 +323,32 @@ fn bad_input_is_refused_clearly() {
 
     // Missing store, another format version.
     let empty = tempfile::tempdir().unwrap();
-    assert!(matches!(Store::open(empty.path(), OpenMode::ReadOnly), Err(Error::NoStore(_))));
-    assert!(matches!(Store::init(d.path(), &InitOptions::default()), Err(Error::StoreExists(_))));
+    assert!(matches!(
+        Store::open(empty.path(), OpenMode::ReadOnly),
+        Err(Error::NoStore(_))
+    ));
+    assert!(matches!(
+        Store::init(d.path(), &InitOptions::default()),
+        Err(Error::StoreExists(_))
+    ));
     let conn = rusqlite_conn(&d.path().join("meta.db"));
-    conn.execute("UPDATE store SET value = 99 WHERE key = 'format_version'", []).unwrap();
+    conn.execute(
+        "UPDATE store SET value = 99 WHERE key = 'format_version'",
+        [],
+    )
+    .unwrap();
     drop(conn);
     let e = Store::open(d.path(), OpenMode::ReadOnly).unwrap_err();
-    assert!(matches!(e, Error::FormatVersion { found: 99, supported: 1 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::FormatVersion {
+                found: 99,
+                supported: 1
+            }
+        ),
+        "{e}"
+    );
 
     let e = Store::init(
         tempfile::tempdir().unwrap().path(),

@@ -75,7 +75,12 @@ impl DiskPacks {
         if let Some(f) = files.get(&id) {
             return Ok(f.clone());
         }
-        let f = Arc::new(OpenOptions::new().read(true).append(true).open(self.path(id))?);
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(self.path(id))?,
+        );
         files.insert(id, f.clone());
         Ok(f)
     }
@@ -163,7 +168,10 @@ impl MemPacks {
 }
 
 fn not_found(id: PackId) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("pack {id:016x} does not exist"))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("pack {id:016x} does not exist"),
+    )
 }
 
 impl PackStorage for MemPacks {
@@ -195,7 +203,13 @@ impl PackStorage for MemPacks {
         }
     }
     fn len(&self, id: PackId) -> io::Result<u64> {
-        Ok(self.packs.lock().unwrap().get(&id).ok_or_else(|| not_found(id))?.len() as u64)
+        Ok(self
+            .packs
+            .lock()
+            .unwrap()
+            .get(&id)
+            .ok_or_else(|| not_found(id))?
+            .len() as u64)
     }
     fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let p = self.packs.lock().unwrap();
@@ -207,7 +221,10 @@ impl PackStorage for MemPacks {
                 buf.copy_from_slice(&pack[start..end]);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of pack")),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of pack",
+            )),
         }
     }
     fn truncate(&self, id: PackId, len: u64) -> io::Result<()> {
@@ -220,7 +237,12 @@ impl PackStorage for MemPacks {
         Ok(())
     }
     fn remove(&self, id: PackId) -> io::Result<()> {
-        self.packs.lock().unwrap().remove(&id).map(|_| ()).ok_or_else(|| not_found(id))
+        self.packs
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .map(|_| ())
+            .ok_or_else(|| not_found(id))
     }
 }
 

@@ -35,7 +35,9 @@ pub enum Error {
     #[error("a geosync store already exists at {0}")]
     StoreExists(String),
     /// The store was written by another on-disk format version.
-    #[error("store format version {found} is not supported by this geosync (supports {supported})")]
+    #[error(
+        "store format version {found} is not supported by this geosync (supports {supported})"
+    )]
     FormatVersion {
         /// Version recorded in the store.
         found: i64,
@@ -66,7 +68,9 @@ pub enum Error {
     },
     /// A version that is neither the head nor pinned by a snapshot: its map
     /// rows may have been pruned.
-    #[error("image {image:?} version {version} is not retained (only the head and snapshots are kept)")]
+    #[error(
+        "image {image:?} version {version} is not retained (only the head and snapshots are kept)"
+    )]
     VersionNotRetained {
         /// Image name.
         image: String,
@@ -146,7 +150,9 @@ impl Error {
     /// Wrap an I/O error with what was being done; a full disk becomes [`Error::NoSpace`].
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         let context = context.into();
-        if source.raw_os_error() == Some(libc::ENOSPC) || source.kind() == io::ErrorKind::StorageFull {
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.kind() == io::ErrorKind::StorageFull
+        {
             Error::NoSpace(context)
         } else {
             Error::Io { context, source }
@@ -183,8 +189,12 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::InvalidName { .. } | Error::InvalidArgument(_) => libc::EINVAL,
-            Error::NoSuchImage(_) | Error::NoSuchSnapshot { .. } | Error::NoStore(_) => libc::ENOENT,
-            Error::ImageExists(_) | Error::SnapshotExists { .. } | Error::StoreExists(_) => libc::EEXIST,
+            Error::NoSuchImage(_) | Error::NoSuchSnapshot { .. } | Error::NoStore(_) => {
+                libc::ENOENT
+            }
+            Error::ImageExists(_) | Error::SnapshotExists { .. } | Error::StoreExists(_) => {
+                libc::EEXIST
+            }
             Error::NoSpace(_) => libc::ENOSPC,
             Error::QuotaExceeded { .. } => libc::EDQUOT,
             Error::Busy(_) | Error::Conflict { .. } => libc::EBUSY,

@@ -112,7 +112,10 @@ impl ImageHandle {
 
     /// Whether there are uncommitted changes.
     pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty() || !self.staged.is_empty() || self.size != self.row.size || self.trunc_from.is_some()
+        !self.dirty.is_empty()
+            || !self.staged.is_empty()
+            || self.size != self.row.size
+            || self.trunc_from.is_some()
     }
 
     /// Bound the dirty set (bytes of whole blocks); past it, writes seal.
@@ -128,9 +131,13 @@ impl ImageHandle {
 
     fn committed_hash(&self, block: u64) -> Result<Option<BlockHash>> {
         let db = self.store.db();
-        let mut st = db.prepare_cached("SELECT hash FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL")?;
+        let mut st = db.prepare_cached(
+            "SELECT hash FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL",
+        )?;
         Ok(st
-            .query_row(rusqlite::params![self.row.id, block as i64], |r| meta::hash_from_row(r, 0))
+            .query_row(rusqlite::params![self.row.id, block as i64], |r| {
+                meta::hash_from_row(r, 0)
+            })
             .optional()?)
     }
 
@@ -273,7 +280,9 @@ impl ImageHandle {
             return Ok(None);
         }
         let b = offset / self.bs;
-        Ok(self.next_data_block(b)?.map(|d| if d == b { offset } else { d * self.bs }))
+        Ok(self
+            .next_data_block(b)?
+            .map(|d| if d == b { offset } else { d * self.bs }))
     }
 
     /// `lseek(SEEK_HOLE)`: the first hole offset at or after `offset` (the
@@ -478,7 +487,11 @@ impl ImageHandle {
         let mut seen: HashSet<BlockHash> = HashSet::new();
         for (block, hash, data) in hashed {
             let in_base = self.trunc_from.is_none_or(|t| block < t);
-            let committed = if in_base { self.committed_hash(block)? } else { None };
+            let committed = if in_base {
+                self.committed_hash(block)?
+            } else {
+                None
+            };
             match hash {
                 None => {
                     if committed.is_some() {
@@ -493,7 +506,10 @@ impl ImageHandle {
                         continue;
                     }
                     self.staged.insert(block, Staged::Block(h));
-                    if !self.new_blocks.contains_key(&h) && !seen.contains(&h) && !self.store.has_block(&h)? {
+                    if !self.new_blocks.contains_key(&h)
+                        && !seen.contains(&h)
+                        && !self.store.has_block(&h)?
+                    {
                         seen.insert(h);
                         to_seal.push((h, data.unwrap()));
                     }

@@ -39,7 +39,10 @@ pub struct ImportReport {
 
 /// Data extents `[start, end)` of an open file, from SEEK_DATA/SEEK_HOLE.
 pub fn file_data_extents(f: &File) -> Result<Vec<(u64, u64)>> {
-    let size = f.metadata().map_err(|e| Error::io("reading source size", e))?.len();
+    let size = f
+        .metadata()
+        .map_err(|e| Error::io("reading source size", e))?
+        .len();
     let mut out = Vec::new();
     let mut pos = 0u64;
     while pos < size {
@@ -48,7 +51,8 @@ pub fn file_data_extents(f: &File) -> Result<Vec<(u64, u64)>> {
             Err(rustix::io::Errno::NXIO) => break,
             Err(e) => return Err(Error::io("SEEK_DATA on the source", e.into())),
         };
-        let end = rustix::fs::seek(f, SeekFrom::Hole(start)).map_err(|e| Error::io("SEEK_HOLE on the source", e.into()))?;
+        let end = rustix::fs::seek(f, SeekFrom::Hole(start))
+            .map_err(|e| Error::io("SEEK_HOLE on the source", e.into()))?;
         out.push((start, end.min(size)));
         pos = end;
     }
@@ -56,12 +60,22 @@ pub fn file_data_extents(f: &File) -> Result<Vec<(u64, u64)>> {
 }
 
 /// Import `path` as image `name` (created if missing, else a new version).
-pub fn import(store: &Store, name: &str, path: &Path, progress: &dyn Fn(u64)) -> Result<ImportReport> {
+pub fn import(
+    store: &Store,
+    name: &str,
+    path: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<ImportReport> {
     crate::validate_name(name)?;
     let f = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let meta = f.metadata().map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     if !meta.is_file() {
-        return Err(Error::InvalidArgument(format!("{} is not a regular file", path.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
     }
     let size = meta.len();
     let created = !store.image_exists(name)?;
@@ -101,7 +115,13 @@ pub fn import(store: &Store, name: &str, path: &Path, progress: &dyn Fn(u64)) ->
         h.punch(next_block * bs, size - next_block * bs)?;
     }
     let commit = h.commit()?;
-    tracing::info!(image = name, size, data_read, version = commit.version, "imported");
+    tracing::info!(
+        image = name,
+        size,
+        data_read,
+        version = commit.version,
+        "imported"
+    );
     Ok(ImportReport {
         size,
         data_read,
@@ -119,23 +139,35 @@ pub enum ExportTarget<'a> {
 }
 
 /// Export image `name` (its head, or `snapshot`) and return the logical size.
-pub fn export(store: &Store, name: &str, target: ExportTarget<'_>, progress: &dyn Fn(u64)) -> Result<u64> {
+pub fn export(
+    store: &Store,
+    name: &str,
+    target: ExportTarget<'_>,
+    progress: &dyn Fn(u64),
+) -> Result<u64> {
     let info = store.image_info(name)?;
     let size = info.size;
     let map = store.live_map(name)?;
     let bs = store.block_size();
-    let read = |block: u64, hash: &crate::BlockHash, loc: &Option<crate::store::BlockLoc>| -> Result<Vec<u8>> {
+    let read = |block: u64,
+                hash: &crate::BlockHash,
+                loc: &Option<crate::store::BlockLoc>|
+     -> Result<Vec<u8>> {
         let loc = loc.ok_or(Error::MissingBlock {
             hash: *hash,
             image: Some(name.into()),
             block: Some(block),
         })?;
-        store.read_record(hash, &loc).map_err(|e| e.at_block(name, block))
+        store
+            .read_record(hash, &loc)
+            .map_err(|e| e.at_block(name, block))
     };
     match target {
         ExportTarget::File(path) => {
-            let f = File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-            f.set_len(size).map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+            let f = File::create(path)
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            f.set_len(size)
+                .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
             for batch in map.chunks(64) {
                 let blocks: Vec<Result<(u64, Vec<u8>)>> = batch
                     .par_iter()
@@ -150,13 +182,15 @@ pub fn export(store: &Store, name: &str, target: ExportTarget<'_>, progress: &dy
                     progress(len as u64);
                 }
             }
-            f.sync_all().map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
+            f.sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
         }
         ExportTarget::Stream(w) => {
             let zeros = vec![0u8; bs as usize];
             let mut pos = 0u64;
             let put = |w: &mut dyn Write, buf: &[u8]| -> Result<()> {
-                w.write_all(buf).map_err(|e| Error::io("writing the export stream", e))
+                w.write_all(buf)
+                    .map_err(|e| Error::io("writing the export stream", e))
             };
             for (block, hash, loc) in &map {
                 while pos < block * bs {
@@ -175,7 +209,8 @@ pub fn export(store: &Store, name: &str, target: ExportTarget<'_>, progress: &dy
                 put(w, &zeros[..n])?;
                 pos += n as u64;
             }
-            w.flush().map_err(|e| Error::io("flushing the export stream", e))?;
+            w.flush()
+                .map_err(|e| Error::io("flushing the export stream", e))?;
         }
     }
     Ok(size)

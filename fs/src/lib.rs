@@ -80,7 +80,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     let bytes = name.as_bytes();
     match bytes.first() {
         None => return bad("it is empty"),
-        Some(c) if !c.is_ascii_alphanumeric() => return bad("it must start with a letter or digit"),
+        Some(c) if !c.is_ascii_alphanumeric() => {
+            return bad("it must start with a letter or digit")
+        }
         _ => {}
     }
     if bytes.len() > 128 {
@@ -110,7 +112,18 @@ mod tests {
         for ok in ["a", "Proj-1.img", "0_x", &"a".repeat(128)] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "..", ".hidden", "a/b", "../x", "a b", "a\nb", "é", &"a".repeat(129), "-x"] {
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a b",
+            "a\nb",
+            "é",
+            &"a".repeat(129),
+            "-x",
+        ] {
             assert!(
                 matches!(validate_name(bad), Err(Error::InvalidName { .. })),
                 "{bad:?} accepted"

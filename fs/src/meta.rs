@@ -78,13 +78,17 @@ pub fn configure(conn: &Connection) -> Result<()> {
 
 pub fn get_i64(conn: &Connection, key: &str) -> Result<Option<i64>> {
     Ok(conn
-        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| r.get(0))
+        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
         .optional()?)
 }
 
 pub fn get_text(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn
-        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| r.get(0))
+        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
         .optional()?)
 }
 
@@ -125,7 +129,11 @@ pub fn now_ms() -> u64 {
 pub fn hash_from_row(row: &Row, idx: usize) -> rusqlite::Result<BlockHash> {
     let v: Vec<u8> = row.get(idx)?;
     let arr: [u8; 32] = v.try_into().map_err(|_| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Blob, "hash is not 32 bytes".into())
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Blob,
+            "hash is not 32 bytes".into(),
+        )
     })?;
     Ok(BlockHash(arr))
 }

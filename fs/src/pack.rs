@@ -135,8 +135,14 @@ impl std::str::FromStr for Compression {
                 .strip_prefix(':')
                 .and_then(|l| l.parse::<i32>().ok())
                 .filter(|l| (1..=19).contains(l))
-                .ok_or_else(|| format!("invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)"))?,
-            None => return Err(format!("invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)")),
+                .ok_or_else(|| {
+                    format!("invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)")
+                })?,
+            None => {
+                return Err(format!(
+                    "invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)"
+                ))
+            }
         };
         Ok(Compression::Zstd(level))
     }
@@ -189,7 +195,10 @@ pub fn seal(raw: &[u8], hash: BlockHash, compression: Compression) -> Sealed {
         let n = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
             if c.as_ref().map(|(l, _)| *l) != Some(level) {
-                *c = Some((level, zstd::bulk::Compressor::new(level).expect("zstd compressor")));
+                *c = Some((
+                    level,
+                    zstd::bulk::Compressor::new(level).expect("zstd compressor"),
+                ));
             }
             c.as_mut()
                 .unwrap()
@@ -226,7 +235,12 @@ pub fn seal(raw: &[u8], hash: BlockHash, compression: Compression) -> Sealed {
 }
 
 /// Decode a payload and verify it against `expected`. `Err` says what failed.
-pub fn open(payload: &[u8], codec: Codec, raw_len: u32, expected: &BlockHash) -> Result<Vec<u8>, String> {
+pub fn open(
+    payload: &[u8],
+    codec: Codec,
+    raw_len: u32,
+    expected: &BlockHash,
+) -> Result<Vec<u8>, String> {
     let raw = match codec {
         Codec::Raw => payload.to_vec(),
         Codec::Zstd => {
@@ -247,7 +261,10 @@ pub fn open(payload: &[u8], codec: Codec, raw_len: u32, expected: &BlockHash) ->
         }
     };
     if raw.len() != raw_len as usize {
-        return Err(format!("payload is {} bytes, expected {raw_len}", raw.len()));
+        return Err(format!(
+            "payload is {} bytes, expected {raw_len}",
+            raw.len()
+        ));
     }
     let actual = hash_block(&raw);
     if &actual != expected {
@@ -305,7 +322,10 @@ mod tests {
 
     #[test]
     fn compression_setting_parses() {
-        assert_eq!("zstd:3".parse::<Compression>().unwrap(), Compression::Zstd(3));
+        assert_eq!(
+            "zstd:3".parse::<Compression>().unwrap(),
+            Compression::Zstd(3)
+        );
         assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd(3));
         assert_eq!("none".parse::<Compression>().unwrap(), Compression::None);
         assert!("zstd:99".parse::<Compression>().is_err());

@@ -23,7 +23,9 @@ use tracing::{debug, info, warn};
 use crate::backend::{DiskPacks, PackId, PackStorage};
 use crate::image::Staged;
 use crate::meta::{self, FORMAT_VERSION};
-use crate::pack::{self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::pack::{
+    self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+};
 use crate::{validate_name, BlockHash, Error, ImageHandle, NodeId, Result, Stamp};
 
 /// A pack is closed and a new one started once it reaches this size.
@@ -234,11 +236,13 @@ fn db_path(dir: &Path) -> PathBuf {
 impl Store {
     /// Create a store in `dir` (created if missing; must not hold a store).
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<Store> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         if db_path(dir).exists() {
             return Err(Error::StoreExists(dir.display().to_string()));
         }
-        let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("creating packs/", e))?;
+        let packs =
+            DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("creating packs/", e))?;
         Self::init_with(&db_path(dir), Box::new(packs), opts)?;
         Self::open(dir, OpenMode::ReadWrite)
     }
@@ -277,8 +281,15 @@ impl Store {
         } else {
             None
         };
-        let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("opening packs/", e))?;
-        Self::open_inner(Some(dir.to_path_buf()), &db_path(dir), Box::new(packs), mode, lock)
+        let packs =
+            DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("opening packs/", e))?;
+        Self::open_inner(
+            Some(dir.to_path_buf()),
+            &db_path(dir),
+            Box::new(packs),
+            mode,
+            lock,
+        )
     }
 
     /// Open a store whose metadata is `db` and packs are `packs` (tests).
@@ -343,18 +354,30 @@ impl Store {
     /// left for `gc` (they are not trusted blindly: `repair --reindex` may
     /// still want them).
     fn recover(&self) -> Result<()> {
-        let files = self.inner.packs.list().map_err(|e| Error::io("listing packs", e))?;
+        let files = self
+            .inner
+            .packs
+            .list()
+            .map_err(|e| Error::io("listing packs", e))?;
         let rows: HashMap<PackId, u64> = {
             let db = self.db();
             let mut st = db.prepare("SELECT id, committed_len FROM packs")?;
             let rows = st
-                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?
+                .query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
             rows
         };
         for &id in &files {
-            let Some(&committed) = rows.get(&id) else { continue };
-            let len = self.inner.packs.len(id).map_err(|e| Error::io(format!("reading pack {id}"), e))?;
+            let Some(&committed) = rows.get(&id) else {
+                continue;
+            };
+            let len = self
+                .inner
+                .packs
+                .len(id)
+                .map_err(|e| Error::io(format!("reading pack {id}"), e))?;
             if len > committed {
                 info!(pack = id, len, committed, "cutting uncommitted pack tail");
                 self.inner
@@ -362,7 +385,12 @@ impl Store {
                     .truncate(id, committed)
                     .map_err(|e| Error::io(format!("truncating pack {id}"), e))?;
             } else if len < committed {
-                warn!(pack = id, len, committed, "pack is shorter than its committed length: run `geosync scrub`");
+                warn!(
+                    pack = id,
+                    len,
+                    committed,
+                    "pack is shorter than its committed length: run `geosync scrub`"
+                );
             }
         }
         let max = files.iter().chain(rows.keys()).copied().max().unwrap_or(0);
@@ -469,7 +497,8 @@ impl Store {
 
     fn create_pack(&self, id: PackId) -> Result<()> {
         let p = &self.inner.packs;
-        p.create(id).map_err(|e| Error::io(format!("creating pack {id}"), e))?;
+        p.create(id)
+            .map_err(|e| Error::io(format!("creating pack {id}"), e))?;
         p.append(id, &pack::pack_header())
             .map_err(|e| Error::io(format!("writing pack {id} header"), e))?;
         debug!(pack = id, "new pack");
@@ -534,10 +563,17 @@ impl Store {
         }
         let header = RecordHeader::decode(buf[..RECORD_HEADER_LEN].try_into().unwrap())
             .map_err(|w| integrity(w.to_string()))?;
-        if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec {
+        if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec
+        {
             return Err(integrity("record header does not match the index".into()));
         }
-        pack::open(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
+        pack::open(
+            &buf[RECORD_HEADER_LEN..],
+            header.codec,
+            header.raw_len,
+            hash,
+        )
+        .map_err(integrity)
     }
 
     /// Read and verify a block by name.
@@ -550,7 +586,9 @@ impl Store {
             })?;
             match self.read_record(hash, &loc) {
                 // GC may have moved the block between lookup and read: look again.
-                Err(Error::Io { ref source, .. }) if source.kind() == io::ErrorKind::NotFound && attempt == 0 => {
+                Err(Error::Io { ref source, .. })
+                    if source.kind() == io::ErrorKind::NotFound && attempt == 0 =>
+                {
                     continue
                 }
                 r => return r,
@@ -621,7 +659,9 @@ impl Store {
         let names: Vec<String> = {
             let db = self.db();
             let mut st = db.prepare("SELECT name FROM images ORDER BY name")?;
-            let names = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            let names = st
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
             names
         };
         names.iter().map(|n| self.image_info(n)).collect()
@@ -697,9 +737,17 @@ impl Store {
             ],
         )?;
         let seq = meta::next_seq(&tx)?;
-        tx.execute("UPDATE images SET seq = ?2 WHERE id = ?1", params![row.id, seq])?;
+        tx.execute(
+            "UPDATE images SET seq = ?2 WHERE id = ?1",
+            params![row.id, seq],
+        )?;
         tx.commit()?;
-        info!(image, snapshot = snap, version = row.version, "snapshot created");
+        info!(
+            image,
+            snapshot = snap,
+            version = row.version,
+            "snapshot created"
+        );
         Ok(SnapshotInfo {
             name: snap.into(),
             version: row.version,
@@ -722,7 +770,10 @@ impl Store {
         )?;
         let pruned = meta::prune(&tx, row.id, snap_row.version + 1, u64::MAX >> 1)?;
         let seq = meta::next_seq(&tx)?;
-        tx.execute("UPDATE images SET seq = ?2 WHERE id = ?1", params![row.id, seq])?;
+        tx.execute(
+            "UPDATE images SET seq = ?2 WHERE id = ?1",
+            params![row.id, seq],
+        )?;
         tx.commit()?;
         info!(image, snapshot = snap, pruned, "snapshot deleted");
         Ok(())
@@ -855,9 +906,11 @@ impl Store {
         }
         let snaps = snapshots_of(&db, row.id)?;
         if let Some(n) = spec.strip_prefix('@') {
-            let v: u64 = n
-                .parse()
-                .map_err(|_| Error::InvalidArgument(format!("invalid version {spec:?}: use @N, head or a snapshot name")))?;
+            let v: u64 = n.parse().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "invalid version {spec:?}: use @N, head or a snapshot name"
+                ))
+            })?;
             if v == row.version {
                 return Ok((v, row.size));
             }
@@ -900,7 +953,11 @@ impl Store {
         // Per block: the hash visible at `a` (rows that died in (a, b]) and at `b` (rows born in (a, b]).
         let mut at: BTreeMap<u64, (Option<BlockHash>, Option<BlockHash>)> = BTreeMap::new();
         let rows = st.query_map(params![row.id, a as i64, b as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, meta::hash_from_row(r, 2)?))
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                meta::hash_from_row(r, 2)?,
+            ))
         })?;
         for r in rows {
             let (block, born, hash) = r?;
@@ -963,14 +1020,19 @@ impl Store {
         let mut s = StoreStats::default();
         {
             let db = self.db();
-            let (images, logical): (i64, i64) =
-                db.query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
+            let (images, logical): (i64, i64) = db.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
             s.images = images as u64;
             s.logical = logical as u64;
-            s.snapshots = db.query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))? as u64;
-            let live: i64 = db.query_row("SELECT COUNT(*) FROM map WHERE died IS NULL", [], |r| r.get(0))?;
+            s.snapshots =
+                db.query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))? as u64;
+            let live: i64 =
+                db.query_row("SELECT COUNT(*) FROM map WHERE died IS NULL", [], |r| {
+                    r.get(0)
+                })?;
             s.referenced = live as u64 * bs;
             s.unique = db.query_row(
                 "SELECT COALESCE(SUM(raw_len), 0) FROM blocks WHERE hash IN (SELECT hash FROM map WHERE died IS NULL)",
@@ -985,9 +1047,15 @@ impl Store {
             )?;
             s.unique_with_snapshots = u as u64;
             s.stored = st as u64;
-            s.indexed_blocks = db.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get::<_, i64>(0))? as u64;
+            s.indexed_blocks =
+                db.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get::<_, i64>(0))? as u64;
         }
-        for id in self.inner.packs.list().map_err(|e| Error::io("listing packs", e))? {
+        for id in self
+            .inner
+            .packs
+            .list()
+            .map_err(|e| Error::io("listing packs", e))?
+        {
             s.pack_bytes += self.inner.packs.len(id).unwrap_or(0);
         }
         s.compress_ratio = ratio(s.unique_with_snapshots, s.stored);
@@ -1016,7 +1084,11 @@ impl Store {
                 |r| r.get::<_, i64>(0),
             )? as u64)
         };
-        let live_before = if row.quota.is_some() { count_live()? } else { 0 };
+        let live_before = if row.quota.is_some() {
+            count_live()?
+        } else {
+            0
+        };
         {
             let mut ins = tx.prepare_cached(
                 "INSERT OR IGNORE INTO blocks(hash, pack, offset, stored_len, raw_len, codec)
@@ -1051,8 +1123,9 @@ impl Store {
             let mut kill = tx.prepare_cached(
                 "UPDATE map SET died = ?3 WHERE image = ?1 AND block = ?2 AND died IS NULL",
             )?;
-            let mut insert =
-                tx.prepare_cached("INSERT INTO map(image, block, born, died, hash) VALUES (?1, ?2, ?3, NULL, ?4)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO map(image, block, born, died, hash) VALUES (?1, ?2, ?3, NULL, ?4)",
+            )?;
             for (&block, staged) in c.staged {
                 kill.execute(params![c.image_id, block as i64, v as i64])?;
                 if let Staged::Block(h) = staged {
@@ -1176,9 +1249,13 @@ fn image_row(conn: &Connection, name: &str) -> Result<ImageRow> {
 }
 
 fn image_row_by_id(conn: &Connection, id: i64, name: &str) -> Result<ImageRow> {
-    conn.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"), [id], image_from_row)
-        .optional()?
-        .ok_or_else(|| Error::NoSuchImage(name.into()))
+    conn.query_row(
+        &format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"),
+        [id],
+        image_from_row,
+    )
+    .optional()?
+    .ok_or_else(|| Error::NoSuchImage(name.into()))
 }
 
 fn snapshots_of(conn: &Connection, image: i64) -> Result<Vec<SnapshotInfo>> {
@@ -1211,7 +1288,13 @@ fn snapshot_row(conn: &Connection, image: &ImageRow, snap: &str) -> Result<Snaps
         })
 }
 
-fn bump_version(tx: &Transaction<'_>, row: &ImageRow, v: u64, size: u64, node: NodeId) -> Result<Stamp> {
+fn bump_version(
+    tx: &Transaction<'_>,
+    row: &ImageRow,
+    v: u64,
+    size: u64,
+    node: NodeId,
+) -> Result<Stamp> {
     let stamp = meta::next_stamp(tx, node)?;
     let seq = meta::next_seq(tx)?;
     tx.execute(

@@ -141,7 +141,13 @@ mod tests {
     #[test]
     fn hlc_never_goes_backwards() {
         let a = Hlc::default().tick(1000);
-        assert_eq!(a, Hlc { wall_ms: 1000, counter: 0 });
+        assert_eq!(
+            a,
+            Hlc {
+                wall_ms: 1000,
+                counter: 0
+            }
+        );
         // The wall clock steps back: the counter keeps order.
         let b = a.tick(500);
         assert!(b > a);
@@ -153,11 +159,20 @@ mod tests {
 
     #[test]
     fn hlc_observe_exceeds_both() {
-        let local = Hlc { wall_ms: 100, counter: 5 };
-        let remote = Hlc { wall_ms: 100, counter: 9 };
+        let local = Hlc {
+            wall_ms: 100,
+            counter: 5,
+        };
+        let remote = Hlc {
+            wall_ms: 100,
+            counter: 9,
+        };
         let m = local.observe(remote, 50);
         assert!(m > local && m > remote);
-        let far = Hlc { wall_ms: 10_000, counter: 0 };
+        let far = Hlc {
+            wall_ms: 10_000,
+            counter: 0,
+        };
         assert!(local.observe(far, 50) > far);
     }
 

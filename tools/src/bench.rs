@@ -49,7 +49,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             let work = match workdir {
                 Some(w) => w,
                 None => {
-                    tmp = tempfile::Builder::new().prefix("geosync-bench").tempdir_in("/var/tmp")?;
+                    tmp = tempfile::Builder::new()
+                        .prefix("geosync-bench")
+                        .tempdir_in("/var/tmp")?;
                     tmp.path().to_path_buf()
                 }
             };
@@ -99,13 +101,25 @@ pub fn stage_files(dest: &Path, sources: &Path, target: u64) -> Result<u64> {
 
 /// Build a sparse ext4 image of `size` at `img` holding ~`data` bytes of
 /// real files from `source` (`mkfs.ext4 -d`, no root needed).
-pub fn build_ext4_image(img: &Path, size: u64, data: u64, source: &Path, staging: &Path) -> Result<u64> {
+pub fn build_ext4_image(
+    img: &Path,
+    size: u64,
+    data: u64,
+    source: &Path,
+    staging: &Path,
+) -> Result<u64> {
     let copied = stage_files(staging, source, data)?;
     let f = fs::File::create(img)?;
     f.set_len(size)?;
     drop(f);
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+            "-d",
+        ])
         .arg(staging)
         .arg(img)
         .output()
@@ -185,7 +199,12 @@ impl ImportBench {
 pub fn import_bench(work: &Path, size: u64, data: u64, source: &Path) -> Result<ImportBench> {
     fs::create_dir_all(work)?;
     let img = work.join("source.img");
-    eprintln!("building a {} ext4 image with {} of files from {} ...", format_size(size), format_size(data), source.display());
+    eprintln!(
+        "building a {} ext4 image with {} of files from {} ...",
+        format_size(size),
+        format_size(data),
+        source.display()
+    );
     let files = build_ext4_image(&img, size, data, source, &work.join("staging"))?;
     let _ = fs::remove_dir_all(work.join("staging"));
     let source_du = du_bytes(&img)?;
@@ -193,7 +212,11 @@ pub fn import_bench(work: &Path, size: u64, data: u64, source: &Path) -> Result<
     let cold = drop_caches();
     let copy = work.join("copy.img");
     let t = Instant::now();
-    let st = Command::new("cp").arg("--sparse=always").arg(&img).arg(&copy).status()?;
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&img)
+        .arg(&copy)
+        .status()?;
     let _ = Command::new("sync").arg(&copy).status();
     let cp_secs = t.elapsed().as_secs_f64();
     if !st.success() {

@@ -241,9 +241,11 @@ pub fn progress_bar(total: u64, what: &str) -> ProgressBar {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap()
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -272,10 +274,16 @@ fn damage_json(d: &Damage) -> serde_json::Value {
 }
 
 fn print_damage(d: &Damage) {
-    let at = d.location.map(|(p, o)| format!(" (pack {p}, offset {o})")).unwrap_or_default();
+    let at = d
+        .location
+        .map(|(p, o)| format!(" (pack {p}, offset {o})"))
+        .unwrap_or_default();
     println!("DAMAGED block {}{at}: {}", d.hash, d.what);
     for (image, block, head) in d.users.iter().take(20) {
-        println!("    used by image {image} block {block}{}", if *head { "" } else { " (snapshot only)" });
+        println!(
+            "    used by image {image} block {block}{}",
+            if *head { "" } else { " (snapshot only)" }
+        );
     }
     if d.users.len() > 20 {
         println!("    ... and {} more uses", d.users.len() - 20);
@@ -312,7 +320,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Import { name, file } => {
             let store = open(dir, OpenMode::ReadWrite)?;
-            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
             let data: u64 = geosync_fs::io::file_data_extents(&f)?
                 .iter()
                 .map(|(s, e)| e - s)
@@ -341,12 +350,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if file == "-" {
                 let stdout = std::io::stdout();
                 let mut lock = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-                export(&store, &name, ExportTarget::Stream(&mut lock), &|n| pb.inc(n))?;
+                export(&store, &name, ExportTarget::Stream(&mut lock), &|n| {
+                    pb.inc(n)
+                })?;
                 pb.finish_and_clear();
             } else {
-                export(&store, &name, ExportTarget::File(Path::new(&file)), &|n| pb.inc(n))?;
+                export(&store, &name, ExportTarget::File(Path::new(&file)), &|n| {
+                    pb.inc(n)
+                })?;
                 pb.finish_and_clear();
-                println!("exported {name} version {} to {file} ({})", info.version, format_size(info.size));
+                println!(
+                    "exported {name} version {} to {file} ({})",
+                    info.version,
+                    format_size(info.size)
+                );
             }
         }
         Command::Ls { json } => {
@@ -363,7 +380,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<24} {:>11} {:>11} {:>11} {:>8} {:>5}", "NAME", "SIZE", "REFERENCED", "STORED", "VERSION", "SNAPS");
+                println!(
+                    "{:<24} {:>11} {:>11} {:>11} {:>8} {:>5}",
+                    "NAME", "SIZE", "REFERENCED", "STORED", "VERSION", "SNAPS"
+                );
                 for i in images {
                     println!(
                         "{:<24} {:>11} {:>11} {:>11} {:>8} {:>5}",
@@ -397,14 +417,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 println!("image:      {}", i.name);
                 println!("logical:    {} ({} bytes)", format_size(i.size), i.size);
                 println!("referenced: {}", format_size(i.referenced));
-                println!("stored:     {} (compressed; blocks shared with other images counted in full)", format_size(i.stored));
+                println!(
+                    "stored:     {} (compressed; blocks shared with other images counted in full)",
+                    format_size(i.stored)
+                );
                 println!("version:    {}", i.version);
                 println!("stamp:      {}", fmt_stamp(&i.stamp));
-                println!("quota:      {}", i.quota.map(format_size).unwrap_or_else(|| "none".into()));
+                println!(
+                    "quota:      {}",
+                    i.quota.map(format_size).unwrap_or_else(|| "none".into())
+                );
                 println!("created:    {}", fmt_time(i.created_ms));
                 println!("snapshots:  {}", i.snapshots.len());
                 for s in &i.snapshots {
-                    println!("  {:<20} version {:<6} {:>11}  {}", s.name, s.version, format_size(s.size), fmt_time(s.created_ms));
+                    println!(
+                        "  {:<20} version {:<6} {:>11}  {}",
+                        s.name,
+                        s.version,
+                        format_size(s.size),
+                        fmt_time(s.created_ms)
+                    );
                 }
             }
         }
@@ -424,10 +456,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("images:         {} ({} snapshots)", s.images, s.snapshots);
                 println!("logical:        {}", format_size(s.logical));
-                println!("referenced:     {}   (non-hole bytes of all images)", format_size(s.referenced));
-                println!("unique:         {}   (after dedup, before compression)", format_size(s.unique));
-                println!("stored:         {}   (compressed, incl. snapshot-only blocks)", format_size(s.stored));
-                println!("on disk:        {}   (pack files, incl. garbage awaiting gc)", format_size(s.pack_bytes));
+                println!(
+                    "referenced:     {}   (non-hole bytes of all images)",
+                    format_size(s.referenced)
+                );
+                println!(
+                    "unique:         {}   (after dedup, before compression)",
+                    format_size(s.unique)
+                );
+                println!(
+                    "stored:         {}   (compressed, incl. snapshot-only blocks)",
+                    format_size(s.stored)
+                );
+                println!(
+                    "on disk:        {}   (pack files, incl. garbage awaiting gc)",
+                    format_size(s.pack_bytes)
+                );
                 println!("compressratio:  {:.2}x", s.compress_ratio);
                 println!("dedupratio:     {:.2}x", s.dedup_ratio);
             }
@@ -446,9 +490,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         .collect();
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
-                    println!("{:<24} {:>8} {:>11}  CREATED", "SNAPSHOT", "VERSION", "SIZE");
+                    println!(
+                        "{:<24} {:>8} {:>11}  CREATED",
+                        "SNAPSHOT", "VERSION", "SIZE"
+                    );
                     for s in snaps {
-                        println!("{:<24} {:>8} {:>11}  {}", s.name, s.version, format_size(s.size), fmt_time(s.created_ms));
+                        println!(
+                            "{:<24} {:>8} {:>11}  {}",
+                            s.name,
+                            s.version,
+                            format_size(s.size),
+                            fmt_time(s.created_ms)
+                        );
                     }
                 }
             }
@@ -483,9 +536,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let old = h.size();
             h.set_size(size)?;
             let c = h.commit()?;
-            println!("resized {name} from {} to {} (version {})", format_size(old), format_size(size), c.version);
+            println!(
+                "resized {name} from {} to {} (version {})",
+                format_size(old),
+                format_size(size),
+                c.version
+            );
         }
-        Command::Diff { name, from, to, json } => {
+        Command::Diff {
+            name,
+            from,
+            to,
+            json,
+        } => {
             let store = open(dir, OpenMode::ReadOnly)?;
             let d = store.diff(&name, &from, &to)?;
             let bs = store.block_size();
@@ -520,7 +583,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Gc { dry_run } => {
-            let store = open(dir, if dry_run { OpenMode::ReadOnly } else { OpenMode::ReadWrite })?;
+            let store = open(
+                dir,
+                if dry_run {
+                    OpenMode::ReadOnly
+                } else {
+                    OpenMode::ReadWrite
+                },
+            )?;
             let p = store.gc(dry_run)?;
             println!(
                 "{}{} unreferenced blocks ({} stored); {} packs to delete, {} to compact; {} reclaimed",
@@ -532,7 +602,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 format_size(p.reclaim_bytes)
             );
             for (id, live, len) in &p.compact_packs {
-                println!("  compact pack {id}: {} live of {}", format_size(*live), format_size(*len));
+                println!(
+                    "  compact pack {id}: {} live of {}",
+                    format_size(*live),
+                    format_size(*len)
+                );
             }
         }
         Command::Scrub { json } => {
@@ -550,7 +624,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     }))?
                 );
             } else {
-                println!("scrub: {} blocks ({}) verified", r.blocks_checked, format_size(r.bytes_checked));
+                println!(
+                    "scrub: {} blocks ({}) verified",
+                    r.blocks_checked,
+                    format_size(r.bytes_checked)
+                );
                 for d in &r.damaged {
                     print_damage(d);
                 }
@@ -599,7 +677,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Some(parse_size(&size).map_err(anyhow::Error::msg)?)
             };
             open(dir, OpenMode::ReadWrite)?.set_quota(&name, q)?;
-            println!("quota of {name}: {}", q.map(format_size).unwrap_or_else(|| "none".into()));
+            println!(
+                "quota of {name}: {}",
+                q.map(format_size).unwrap_or_else(|| "none".into())
+            );
         }
         Command::Bench(cmd) => return crate::bench::run(cmd).map(|_| ExitCode::SUCCESS),
     }

@@ -4,7 +4,9 @@
 /// KiB/KB-style spellings, all powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
@@ -13,11 +15,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 1 << 30,
         "T" | "TB" | "TIB" => 1 << 40,
         "P" | "PB" | "PIB" => 1 << 50,
-        _ => return Err(format!("invalid size {s:?}: use a number with an optional K, M, G, T or P suffix")),
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: use a number with an optional K, M, G, T or P suffix"
+            ))
+        }
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: use a number with an optional K, M, G, T or P suffix"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: use a number with an optional K, M, G, T or P suffix")
+    })?;
     let bytes = value * mult as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
         return Err(format!("size {s:?} is out of range"));

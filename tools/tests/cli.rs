@@ -33,7 +33,11 @@ fn ok(store: &Path, args: &[&str]) -> String {
 
 fn run(cmd: &mut Command) -> Output {
     let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     o
 }
 
@@ -76,16 +80,27 @@ fn ext4_image(dir: &Path, size: &str) -> PathBuf {
     fs::create_dir_all(files.join("docs")).unwrap();
     // Real files: text and binaries from the system, plus generated logs.
     for src in ["/usr/share/doc", "/usr/bin"] {
-        let _ = Command::new("cp").args(["-r", "--no-dereference"]).arg(src).arg(files.join("docs")).status();
+        let _ = Command::new("cp")
+            .args(["-r", "--no-dereference"])
+            .arg(src)
+            .arg(files.join("docs"))
+            .status();
     }
     let mut log = String::new();
     for i in 0..200_000 {
-        log.push_str(&format!("{i} request served in {} ms by worker {}\n", i % 97, i % 7));
+        log.push_str(&format!(
+            "{i} request served in {} ms by worker {}\n",
+            i % 97,
+            i % 7
+        ));
     }
     fs::write(files.join("app.log"), log).unwrap();
     let img = dir.join("src.img");
     run(Command::new("truncate").args(["-s", size]).arg(&img));
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&files).arg(&img));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&files)
+        .arg(&img));
     img
 }
 
@@ -108,9 +123,20 @@ fn ext4_round_trip_is_byte_identical_sparse_and_fsck_clean() {
         fs::metadata(&img).unwrap().blocks() * 512,
         fs::metadata(&exp).unwrap().blocks() * 512,
     );
-    assert!(du_exp <= du_src, "export uses {du_exp} bytes, source {du_src}");
-    let fsck = Command::new("e2fsck").arg("-fn").arg(&exp).output().unwrap();
-    assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        du_exp <= du_src,
+        "export uses {du_exp} bytes, source {du_src}"
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&exp)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
 
     // Stored bytes are at or below what du reports for the source.
     let stat: serde_json::Value = serde_json::from_str(&ok(&store, &["stat", "--json"])).unwrap();
@@ -118,7 +144,12 @@ fn ext4_round_trip_is_byte_identical_sparse_and_fsck_clean() {
     assert!(stat["compress_ratio"].as_f64().unwrap() > 1.2, "{stat}");
 
     // Export to stdout is the same bytes.
-    let o = Command::new(BIN).arg("--store").arg(&store).args(["export", "proj", "-"]).output().unwrap();
+    let o = Command::new(BIN)
+        .arg("--store")
+        .arg(&store)
+        .args(["export", "proj", "-"])
+        .output()
+        .unwrap();
     assert!(o.status.success());
     assert_eq!(blake3::hash(&o.stdout), b3(&img));
 
@@ -128,15 +159,22 @@ fn ext4_round_trip_is_byte_identical_sparse_and_fsck_clean() {
     let before: serde_json::Value = serde_json::from_str(&ok(&store, &["stat", "--json"])).unwrap();
     let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
     let mut rng_bytes = vec![0u8; 1 << 20];
-    blake3::Hasher::new().update(b"change").finalize_xof().fill(&mut rng_bytes);
+    blake3::Hasher::new()
+        .update(b"change")
+        .finalize_xof()
+        .fill(&mut rng_bytes);
     f.write_all_at(&rng_bytes, 300 << 20).unwrap();
     drop(f);
     let out = ok(&store, &["import", "proj", img.to_str().unwrap()]);
     assert!(out.contains("updated proj version 3"), "{out}");
     let after: serde_json::Value = serde_json::from_str(&ok(&store, &["stat", "--json"])).unwrap();
     let grew = after["stored"].as_u64().unwrap() - before["stored"].as_u64().unwrap();
-    assert!(grew <= (1 << 20) + 4096 && grew >= (1 << 20) - 4096, "stored grew by {grew}");
-    let diff: serde_json::Value = serde_json::from_str(&ok(&store, &["diff", "proj", "v1", "head", "--json"])).unwrap();
+    assert!(
+        grew <= (1 << 20) + 4096 && grew >= (1 << 20) - 4096,
+        "stored grew by {grew}"
+    );
+    let diff: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["diff", "proj", "v1", "head", "--json"])).unwrap();
     assert_eq!(diff["changed_blocks"], 16, "{diff}");
     assert_eq!(diff["ranges"][0]["offset"], 300u64 << 20);
     ok(&store, &["export", "proj", exp.to_str().unwrap()]);
@@ -145,10 +183,18 @@ fn ext4_round_trip_is_byte_identical_sparse_and_fsck_clean() {
     // Roll back, and the first version comes back byte for byte.
     ok(&store, &["rollback", "proj", "v1"]);
     ok(&store, &["export", "proj", exp.to_str().unwrap()]);
-    let fsck = Command::new("e2fsck").arg("-fn").arg(&exp).output().unwrap();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&exp)
+        .output()
+        .unwrap();
     assert!(fsck.status.success());
     let scrub = gs(&store, &["scrub"]);
-    assert!(scrub.status.success(), "{}", String::from_utf8_lossy(&scrub.stdout));
+    assert!(
+        scrub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrub.stdout)
+    );
 }
 
 #[test]
@@ -157,14 +203,23 @@ fn cli_errors_are_clear_and_listings_are_json() {
     let store = t.path().join("s");
     let o = gs(&store, &["ls"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no geosync store"), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no geosync store"),
+        "{o:?}"
+    );
 
-    ok(&store, &["init", "--block-size", "16K", "--compression", "zstd:1"]);
+    ok(
+        &store,
+        &["init", "--block-size", "16K", "--compression", "zstd:1"],
+    );
     let o = gs(&store, &["init"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
     let o = gs(&store, &["create", "../etc", "1G"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid name \"../etc\""), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("invalid name \"../etc\""),
+        "{o:?}"
+    );
     let o = gs(&store, &["create", "x", "12Q"]);
     assert!(!o.status.success());
     let o = gs(&store, &["info", "missing"]);
@@ -180,9 +235,11 @@ fn cli_errors_are_clear_and_listings_are_json() {
     assert_eq!(ls.as_array().unwrap().len(), 2);
     assert_eq!(ls[0]["name"], "vm1");
     assert_eq!(ls[1]["size"], 32u64 << 30);
-    let snaps: serde_json::Value = serde_json::from_str(&ok(&store, &["snapshot", "list", "vm1", "--json"])).unwrap();
+    let snaps: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["snapshot", "list", "vm1", "--json"])).unwrap();
     assert_eq!(snaps[0]["name"], "daily");
-    let info: serde_json::Value = serde_json::from_str(&ok(&store, &["info", "vm1", "--json"])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["info", "vm1", "--json"])).unwrap();
     assert_eq!(info["snapshots"][0]["name"], "daily");
     ok(&store, &["mv", "vm2", "vm3"]);
     ok(&store, &["rm", "vm3"]);
@@ -193,7 +250,11 @@ fn cli_errors_are_clear_and_listings_are_json() {
     fs::write(&src, vec![1u8; 1 << 20]).unwrap();
     let o = gs(&store, &["import", "f", src.to_str().unwrap()]);
     assert!(o.status.success());
-    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -203,23 +264,44 @@ fn scrub_exits_nonzero_on_damage_and_reindex_reports() {
     ok(&store, &["init"]);
     let src = t.path().join("f");
     let mut data = vec![0u8; 4 << 20];
-    blake3::Hasher::new().update(b"x").finalize_xof().fill(&mut data);
+    blake3::Hasher::new()
+        .update(b"x")
+        .finalize_xof()
+        .fill(&mut data);
     fs::write(&src, &data).unwrap();
     ok(&store, &["import", "img", src.to_str().unwrap()]);
     assert!(gs(&store, &["scrub"]).status.success());
     // Flip a byte in the middle of the first pack.
-    let pack = fs::read_dir(store.join("packs")).unwrap().next().unwrap().unwrap().path();
-    let f = fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    let pack = fs::read_dir(store.join("packs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, 1 << 20).unwrap();
     f.write_all_at(&[b[0] ^ 0xff], 1 << 20).unwrap();
     let o = gs(&store, &["scrub"]);
     assert_eq!(o.status.code(), Some(3));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("DAMAGED block") && out.contains("used by image img block"), "{out}");
-    let o = gs(&store, &["export", "img", t.path().join("out").to_str().unwrap()]);
+    assert!(
+        out.contains("DAMAGED block") && out.contains("used by image img block"),
+        "{out}"
+    );
+    let o = gs(
+        &store,
+        &["export", "img", t.path().join("out").to_str().unwrap()],
+    );
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("integrity error"), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("integrity error"),
+        "{o:?}"
+    );
     let o = gs(&store, &["repair", "--reindex"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stdout).contains("still missing"));
@@ -235,7 +317,10 @@ fn kill_9_during_commit_leaves_old_or_new() {
     let mk = |name: &str, seed: &[u8]| {
         let p = t.path().join(name);
         let mut d = vec![0u8; 48 << 20];
-        blake3::Hasher::new().update(seed).finalize_xof().fill(&mut d);
+        blake3::Hasher::new()
+            .update(seed)
+            .finalize_xof()
+            .fill(&mut d);
         // Make it compressible so commits take a while.
         for chunk in d.chunks_mut(4096) {
             chunk[2048..].fill(0x20);
@@ -264,7 +349,10 @@ fn kill_9_during_commit_leaves_old_or_new() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rand::Rng::random_range(&mut rng, 5..(span * 3 / 4).max(6))));
+        std::thread::sleep(Duration::from_millis(rand::Rng::random_range(
+            &mut rng,
+            5..(span * 3 / 4).max(6),
+        )));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         ok(&store, &["export", "img", out.to_str().unwrap()]);
@@ -272,16 +360,27 @@ fn kill_9_during_commit_leaves_old_or_new() {
         if got == versions[(i + 1) % 2].1 {
             saw_new += 1;
         } else {
-            assert_eq!(got, versions[i % 2].1, "after kill -9 the image is neither version");
+            assert_eq!(
+                got,
+                versions[i % 2].1,
+                "after kill -9 the image is neither version"
+            );
             saw_old += 1;
             // Bring it to the new version so the next round changes it again.
             ok(&store, &["import", "img", src.to_str().unwrap()]);
         }
         let scrub = gs(&store, &["scrub"]);
-        assert!(scrub.status.success(), "{}", String::from_utf8_lossy(&scrub.stdout));
+        assert!(
+            scrub.status.success(),
+            "{}",
+            String::from_utf8_lossy(&scrub.stdout)
+        );
     }
     eprintln!("kill -9 within {span} ms: {saw_old} rounds kept the old version, {saw_new} had the new one");
-    assert!(saw_old > 0, "no kill landed before the commit: the test did not test anything");
+    assert!(
+        saw_old > 0,
+        "no kill landed before the commit: the test did not test anything"
+    );
     let o = ok(&store, &["gc"]);
     assert!(o.contains("gc:"), "{o}");
 }
@@ -297,7 +396,9 @@ fn full_disk_during_import_keeps_previous_version() {
     let t = tempfile::tempdir().unwrap();
     let mnt = t.path().join("small");
     fs::create_dir(&mnt).unwrap();
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt));
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&mnt));
     struct Umount(PathBuf);
     impl Drop for Umount {
         fn drop(&mut self) {
@@ -309,17 +410,26 @@ fn full_disk_during_import_keeps_previous_version() {
     ok(&store, &["init", "--compression", "none"]);
     let small = t.path().join("small.img");
     let mut d = vec![0u8; 2 << 20];
-    blake3::Hasher::new().update(b"small").finalize_xof().fill(&mut d);
+    blake3::Hasher::new()
+        .update(b"small")
+        .finalize_xof()
+        .fill(&mut d);
     fs::write(&small, &d).unwrap();
     ok(&store, &["import", "img", small.to_str().unwrap()]);
     let big = t.path().join("big.img");
     let mut d = vec![0u8; 32 << 20];
-    blake3::Hasher::new().update(b"big").finalize_xof().fill(&mut d);
+    blake3::Hasher::new()
+        .update(b"big")
+        .finalize_xof()
+        .fill(&mut d);
     fs::write(&big, &d).unwrap();
     let o = gs(&store, &["import", "img", big.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("no space left") || err.contains("full"), "{err}");
+    assert!(
+        err.contains("no space left") || err.contains("full"),
+        "{err}"
+    );
     let out = t.path().join("out");
     ok(&store, &["export", "img", out.to_str().unwrap()]);
     assert_eq!(b3(&out), b3(&small));
@@ -329,5 +439,7 @@ fn full_disk_during_import_keeps_previous_version() {
 }
 
 fn rustix_is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }

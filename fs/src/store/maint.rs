@@ -103,15 +103,26 @@ impl Store {
         let mut st = db.prepare(
             "SELECT pack, SUM(stored_len + ?1), COUNT(*) FROM blocks WHERE hash IN (SELECT hash FROM map) GROUP BY pack",
         )?;
-        for r in st.query_map([RECORD_HEADER_LEN as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+        for r in st.query_map([RECORD_HEADER_LEN as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })? {
             let (p, bytes) = r?;
             live.insert(p as u64, bytes as u64);
         }
         drop(st);
         drop(db);
         // The active pack counts like any other: `gc` closes it before it plans.
-        for id in self.inner.packs.list().map_err(|e| Error::io("listing packs", e))? {
-            let len = self.inner.packs.len(id).map_err(|e| Error::io(format!("reading pack {id}"), e))?;
+        for id in self
+            .inner
+            .packs
+            .list()
+            .map_err(|e| Error::io("listing packs", e))?
+        {
+            let len = self
+                .inner
+                .packs
+                .len(id)
+                .map_err(|e| Error::io(format!("reading pack {id}"), e))?;
             let l = live.get(&id).copied().unwrap_or(0);
             if l == 0 {
                 plan.delete_packs.push(id);
@@ -134,21 +145,25 @@ impl Store {
         let _gc = self.gc_enter();
         self.close_active_pack();
         let plan = self.gc_plan()?;
-        let swept = self
-            .db()
-            .execute("DELETE FROM blocks WHERE hash NOT IN (SELECT hash FROM map)", [])?;
+        let swept = self.db().execute(
+            "DELETE FROM blocks WHERE hash NOT IN (SELECT hash FROM map)",
+            [],
+        )?;
         info!(swept, "gc: swept unreferenced blocks");
         for &(id, _, _) in &plan.compact_packs {
             self.compact_pack(id)?;
         }
         for &id in &plan.delete_packs {
-            let still: i64 = self
-                .db()
-                .query_row("SELECT COUNT(*) FROM blocks WHERE pack = ?1", [id as i64], |r| r.get(0))?;
+            let still: i64 = self.db().query_row(
+                "SELECT COUNT(*) FROM blocks WHERE pack = ?1",
+                [id as i64],
+                |r| r.get(0),
+            )?;
             if still > 0 {
                 continue; // cannot happen under the gate; never delete indexed data
             }
-            self.db().execute("DELETE FROM packs WHERE id = ?1", [id as i64])?;
+            self.db()
+                .execute("DELETE FROM packs WHERE id = ?1", [id as i64])?;
             self.inner
                 .packs
                 .remove(id)
@@ -171,7 +186,9 @@ impl Store {
                 "SELECT pack, offset, stored_len, raw_len, codec, hash FROM blocks WHERE pack = ?1 ORDER BY offset",
             )?;
             let rows = st
-                .query_map([id as i64], |r| Ok((meta::hash_from_row(r, 5)?, loc_from_row(r)?)))?
+                .query_map([id as i64], |r| {
+                    Ok((meta::hash_from_row(r, 5)?, loc_from_row(r)?))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
             rows
         };
@@ -234,7 +251,9 @@ impl Store {
               WHERE m.hash = ?1 ORDER BY i.name, m.block",
         )?;
         let rows = st
-            .query_map([&hash.0[..]], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?
+            .query_map([&hash.0[..]], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -242,9 +261,12 @@ impl Store {
     fn missing_blocks(&self) -> Result<Vec<Damage>> {
         let hashes: Vec<BlockHash> = {
             let db = self.db();
-            let mut st =
-                db.prepare("SELECT DISTINCT hash FROM map WHERE hash NOT IN (SELECT hash FROM blocks)")?;
-            let rows = st.query_map([], |r| meta::hash_from_row(r, 0))?.collect::<rusqlite::Result<_>>()?;
+            let mut st = db.prepare(
+                "SELECT DISTINCT hash FROM map WHERE hash NOT IN (SELECT hash FROM blocks)",
+            )?;
+            let rows = st
+                .query_map([], |r| meta::hash_from_row(r, 0))?
+                .collect::<rusqlite::Result<_>>()?;
             rows
         };
         hashes
@@ -308,14 +330,26 @@ impl Store {
         let _gc = self.gc_enter();
         self.close_active_pack();
         let mut report = ReindexReport {
-            indexed_before: self.db().query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get::<_, i64>(0))? as u64,
+            indexed_before: self
+                .db()
+                .query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get::<_, i64>(0))?
+                as u64,
             ..Default::default()
         };
         let mut found: HashMap<BlockHash, BlockLoc> = HashMap::new();
         let mut pack_ends: BTreeMap<PackId, u64> = BTreeMap::new();
-        for id in self.inner.packs.list().map_err(|e| Error::io("listing packs", e))? {
+        for id in self
+            .inner
+            .packs
+            .list()
+            .map_err(|e| Error::io("listing packs", e))?
+        {
             report.packs_scanned += 1;
-            let len = self.inner.packs.len(id).map_err(|e| Error::io(format!("reading pack {id}"), e))?;
+            let len = self
+                .inner
+                .packs
+                .len(id)
+                .map_err(|e| Error::io(format!("reading pack {id}"), e))?;
             let mut data = vec![0u8; len as usize];
             self.inner
                 .packs
@@ -323,20 +357,27 @@ impl Store {
                 .map_err(|e| Error::io(format!("reading pack {id}"), e))?;
             progress(len);
             if data.len() < PACK_HEADER_LEN as usize || data[..8] != PACK_MAGIC {
-                report.records_damaged.push((id, 0, "pack header is missing or damaged".into()));
+                report
+                    .records_damaged
+                    .push((id, 0, "pack header is missing or damaged".into()));
             }
             let mut off = PACK_HEADER_LEN as usize;
             let mut end = PACK_HEADER_LEN;
             while off + RECORD_HEADER_LEN <= data.len() {
-                let hdr = RecordHeader::decode(data[off..off + RECORD_HEADER_LEN].try_into().unwrap());
+                let hdr =
+                    RecordHeader::decode(data[off..off + RECORD_HEADER_LEN].try_into().unwrap());
                 let hdr = match hdr {
                     Ok(h) if off + RECORD_HEADER_LEN + h.stored_len as usize <= data.len() => h,
                     Ok(_) => {
-                        report.records_damaged.push((id, off as u64, "record is truncated".into()));
+                        report
+                            .records_damaged
+                            .push((id, off as u64, "record is truncated".into()));
                         break;
                     }
                     Err(what) => {
-                        report.records_damaged.push((id, off as u64, what.to_string()));
+                        report
+                            .records_damaged
+                            .push((id, off as u64, what.to_string()));
                         // Resynchronize on the next header that checks out.
                         match find_next_record(&data, off + 1) {
                             Some(next) => {
@@ -347,7 +388,8 @@ impl Store {
                         }
                     }
                 };
-                let payload = &data[off + RECORD_HEADER_LEN..off + RECORD_HEADER_LEN + hdr.stored_len as usize];
+                let payload = &data
+                    [off + RECORD_HEADER_LEN..off + RECORD_HEADER_LEN + hdr.stored_len as usize];
                 let rec_end = off + RECORD_HEADER_LEN + hdr.stored_len as usize;
                 match pack::open(payload, hdr.codec, hdr.raw_len, &hdr.hash) {
                     Ok(_) => {
@@ -419,7 +461,8 @@ fn find_next_record(data: &[u8], from: usize) -> Option<usize> {
             Some(p) => {
                 let at = i + p;
                 if at + RECORD_HEADER_LEN <= data.len()
-                    && RecordHeader::decode(data[at..at + RECORD_HEADER_LEN].try_into().unwrap()).is_ok()
+                    && RecordHeader::decode(data[at..at + RECORD_HEADER_LEN].try_into().unwrap())
+                        .is_ok()
                 {
                     return Some(at);
                 }
@@ -430,4 +473,3 @@ fn find_next_record(data: &[u8], from: usize) -> Option<usize> {
     }
     None
 }
-
