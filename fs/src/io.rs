@@ -158,9 +158,14 @@ pub fn export(
             image: Some(name.into()),
             block: Some(block),
         })?;
-        store
-            .read_record(hash, &loc)
-            .map_err(|e| e.at_block(name, block))
+        match store.read_record(hash, &loc) {
+            // GC compacted the pack since we read the map: look the block up again.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                store.read_block(hash)
+            }
+            r => r,
+        }
+        .map_err(|e| e.at_block(name, block))
     };
     match target {
         ExportTarget::File(path) => {
