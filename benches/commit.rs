@@ -41,25 +41,31 @@ fn commit_path(c: &mut Criterion) {
     let mut g = c.benchmark_group("commit");
     g.throughput(Throughput::Bytes(BATCH as u64));
     g.sample_size(10);
-    for (name, compression) in [("zstd3", "zstd:3"), ("zstd1", "zstd:1"), ("none", "none")] {
+    for (bs, name, compression) in [
+        (64u32 << 10, "zstd3", "zstd:3"),
+        (64 << 10, "zstd1", "zstd:1"),
+        (64 << 10, "none", "none"),
+        (16 << 10, "zstd3", "zstd:3"),
+        (256 << 10, "zstd3", "zstd:3"),
+    ] {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let store = Store::init(
             dir.path(),
             &InitOptions {
-                block_size: 64 << 10,
+                block_size: bs,
                 compression: compression.parse().unwrap(),
             },
         )
         .unwrap();
         store.create_image("bench", 1 << 40).unwrap();
         let round = std::cell::Cell::new(0u64);
-        g.bench_function(format!("64KiB-blocks/{name}"), |b| {
+        g.bench_function(format!("{}KiB-blocks/{name}", bs >> 10), |b| {
             b.iter_batched(
                 || {
                     round.set(round.get() + 1);
                     let r = round.get();
                     let mut d = base.clone();
-                    for (i, block) in d.chunks_mut(64 << 10).enumerate() {
+                    for (i, block) in d.chunks_mut(bs as usize).enumerate() {
                         block[..16]
                             .copy_from_slice(&[r.to_le_bytes(), (i as u64).to_le_bytes()].concat());
                     }
