@@ -66,8 +66,7 @@ fn commit_path(c: &mut Criterion) {
                     let r = round.get();
                     let mut d = base.clone();
                     for (i, block) in d.chunks_mut(bs as usize).enumerate() {
-                        block[..16]
-                            .copy_from_slice(&[r.to_le_bytes(), (i as u64).to_le_bytes()].concat());
+                        block[..16].copy_from_slice(&[r.to_le_bytes(), (i as u64).to_le_bytes()].concat());
                     }
                     (r, d)
                 },

@@ -9,8 +9,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
-    let env =
-        |k: &str, d: &str| parse_size(&std::env::var(k).unwrap_or_else(|_| d.into())).unwrap();
+    let env = |k: &str, d: &str| parse_size(&std::env::var(k).unwrap_or_else(|_| d.into())).unwrap();
     let size = env("GEOSYNC_BENCH_SIZE", "16G");
     let data = env("GEOSYNC_BENCH_DATA", "1.5G");
     let work = tempfile::Builder::new()
@@ -18,7 +17,6 @@ fn main() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let r =
-        geosync_tools::bench::import_bench(work.path(), size, data, std::path::Path::new("/usr"))
-            .unwrap();
+        geosync_tools::bench::import_bench(work.path(), size, data, std::path::Path::new("/usr")).unwrap();
     r.print();
 }

@@ -56,11 +56,7 @@ fn loc_of(s: &Store, image: &str, block: u64) -> BlockLoc {
 }
 
 fn flip_byte(path: &Path, offset: u64) {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] ^= 0x5a;
@@ -107,10 +103,7 @@ fn flipped_byte_is_an_integrity_error_naming_image_and_block() {
     assert_eq!(r.records_damaged.len(), 1);
     assert_eq!(r.missing.len(), 1);
     assert_eq!(r.missing[0].users, vec![("a".to_string(), 3, true)]);
-    assert!(matches!(
-        read_block(&s, "a", 3),
-        Err(Error::MissingBlock { .. })
-    ));
+    assert!(matches!(read_block(&s, "a", 3), Err(Error::MissingBlock { .. })));
     assert_eq!(
         read_block(&s, "a", 4).unwrap(),
         a[(4 * BS) as usize..(5 * BS) as usize]
@@ -140,10 +133,7 @@ fn lost_or_wrong_index_is_rebuilt_from_packs() {
     let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
     let r = s.scrub(&|_| {}).unwrap();
     assert_eq!(r.damaged.len(), 7, "{:#?}", r.damaged);
-    assert!(r
-        .damaged
-        .iter()
-        .any(|x| x.what.contains("not in the index")));
+    assert!(r.damaged.iter().any(|x| x.what.contains("not in the index")));
 
     let r = s.reindex(&|_| {}).unwrap();
     assert_eq!(r.records_ok, 12);
@@ -173,8 +163,7 @@ fn reindex_finds_an_intact_second_copy() {
     let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
     s.create_image("copy", BS).unwrap();
     let mut h = s.open_image("copy").unwrap();
-    h.write(0, &a[(5 * BS) as usize..(6 * BS) as usize])
-        .unwrap();
+    h.write(0, &a[(5 * BS) as usize..(6 * BS) as usize]).unwrap();
     h.commit().unwrap();
     let good = s.lookup(&hash).unwrap().unwrap();
     assert_ne!(good.offset, bad.offset);

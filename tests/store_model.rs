@@ -113,24 +113,12 @@ impl Sut {
                     self.handles[img] = Some(self.open_handle(img));
                 }
                 let bytes = fill.bytes(len);
-                self.handles[img]
-                    .as_mut()
-                    .unwrap()
-                    .write(offset, &bytes)
-                    .unwrap();
-                model_write(
-                    &mut self.model[img].as_mut().unwrap().current,
-                    offset,
-                    &bytes,
-                );
+                self.handles[img].as_mut().unwrap().write(offset, &bytes).unwrap();
+                model_write(&mut self.model[img].as_mut().unwrap().current, offset, &bytes);
             }
             Op::Punch { img, offset, len } => {
                 if let Some(m) = &mut self.model[img] {
-                    self.handles[img]
-                        .as_mut()
-                        .unwrap()
-                        .punch(offset, len)
-                        .unwrap();
+                    self.handles[img].as_mut().unwrap().punch(offset, len).unwrap();
                     model_punch(&mut m.current, offset, len);
                 }
             }
@@ -146,23 +134,20 @@ impl Sut {
                     self.commit(img);
                     self.snaps += 1;
                     let name = format!("s{}", self.snaps);
-                    self.store()
-                        .create_snapshot(&slot_name(img), &name)
-                        .unwrap();
+                    self.store().create_snapshot(&slot_name(img), &name).unwrap();
                     let m = self.model[img].as_mut().unwrap();
                     m.snapshots.push((name, m.committed.clone()));
                 }
             }
             Op::Rollback { img, which } => {
-                if self.model[img]
-                    .as_ref()
-                    .is_some_and(|m| !m.snapshots.is_empty())
-                {
+                if self.model[img].as_ref().is_some_and(|m| !m.snapshots.is_empty()) {
                     self.commit(img);
                     let m = self.model[img].as_mut().unwrap();
                     let (name, data) = m.snapshots[which % m.snapshots.len()].clone();
                     m.committed = data.clone();
                     m.current = data;
+                    // An image open for writing cannot be rolled back: close it first.
+                    self.handles[img] = None;
                     self.store().rollback(&slot_name(img), &name).unwrap();
                     self.handles[img] = Some(self.open_handle(img));
                 }
@@ -183,16 +168,11 @@ impl Sut {
                 }
             }
             Op::DeleteSnapshot { img, which } => {
-                if self.model[img]
-                    .as_ref()
-                    .is_some_and(|m| !m.snapshots.is_empty())
-                {
+                if self.model[img].as_ref().is_some_and(|m| !m.snapshots.is_empty()) {
                     self.commit(img);
                     let m = self.model[img].as_mut().unwrap();
                     let (name, _) = m.snapshots.remove(which % m.snapshots.len());
-                    self.store()
-                        .delete_snapshot(&slot_name(img), &name)
-                        .unwrap();
+                    self.store().delete_snapshot(&slot_name(img), &name).unwrap();
                 }
             }
             Op::Gc => {
@@ -305,19 +285,12 @@ impl Sut {
                 continue;
             };
             for (name, data) in &m.snapshots {
-                store
-                    .clone_image(&slot_name(i), Some(name), "check")
-                    .unwrap();
+                store.clone_image(&slot_name(i), Some(name), "check").unwrap();
                 let h = store.open_image("check").unwrap();
                 let mut buf = vec![0xAAu8; data.len()];
                 prop_assert_eq!(h.size(), data.len() as u64);
                 h.read(0, &mut buf).unwrap();
-                prop_assert!(
-                    &buf == data,
-                    "snapshot {} of {} differs",
-                    name,
-                    slot_name(i)
-                );
+                prop_assert!(&buf == data, "snapshot {} of {} differs", name, slot_name(i));
                 drop(h);
                 store.remove_image("check").unwrap();
 

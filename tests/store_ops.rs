@@ -223,6 +223,50 @@ fn gc_protect_race() {
     assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
 }
 
+/// The same race across processes: the committing store and the collecting
+/// store are separate opens (separate lock file descriptions, as two
+/// processes have), so only `gc.lock` and pack claims keep them apart.
+#[test]
+fn gc_protect_race_across_processes() {
+    let (d, writer) = new_store();
+    let data = noise(10, 8 * BS as usize);
+    writer.create_image("old", 8 * BS).unwrap();
+    write_commit(&writer, "old", 0, &data);
+    writer.remove_image("old").unwrap();
+    let collector = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+
+    writer.create_image("new", 8 * BS).unwrap();
+    let mut h = writer.open_image("new").unwrap();
+    h.set_dirty_limit(BS as usize);
+    h.write(0, &data).unwrap();
+    h.write(8 * BS, &noise(11, 4 * BS as usize)).unwrap(); // appends to the writer's pack
+    let done = Arc::new(AtomicBool::new(false));
+    let gc = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let plan = collector.gc(false).unwrap();
+            done.store(true, Ordering::SeqCst);
+            (collector, plan)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "GC ran while another process's commit relied on its garbage"
+    );
+    h.commit().unwrap();
+    let (collector, _) = gc.join().unwrap();
+    drop(h);
+    let mut want = data.clone();
+    want.extend(noise(11, 4 * BS as usize));
+    assert_eq!(read_all(&writer, "new"), want);
+    assert_eq!(read_all(&collector, "new"), want);
+    // The writer's active pack is claimed: GC in the other process left it alone.
+    write_commit(&writer, "new", 0, &noise(12, BS as usize));
+    collector.gc(false).unwrap();
+    assert!(collector.scrub(&|_| {}).unwrap().damaged.is_empty());
+}
+
 #[test]
 fn quota_refuses_growth_and_keeps_the_image() {
     let (_d, s) = new_store();
@@ -261,6 +305,7 @@ fn full_disk_during_commit_keeps_the_previous_version() {
     assert!(e.to_string().contains("no space left"), "{e}");
     assert_eq!(read_all(&s, "img"), before);
     assert_eq!(s.image_info("img").unwrap().version, 2);
+    drop(h);
     // Space comes back: writing works again.
     packs.set_plan(FaultPlan::default());
     write_commit(&s, "img", 512 << 10, &noise(2, 256 << 10));
@@ -298,27 +343,44 @@ fn bad_input_is_refused_clearly() {
         s.rename_image("ok", ".."),
         Err(Error::InvalidName { .. })
     ));
-    assert!(matches!(
-        s.create_image("ok", 0),
-        Err(Error::ImageExists(_))
-    ));
-    assert!(matches!(
-        s.open_image("missing"),
-        Err(Error::NoSuchImage(_))
-    ));
+    assert!(matches!(s.create_image("ok", 0), Err(Error::ImageExists(_))));
+    assert!(matches!(s.open_image("missing"), Err(Error::NoSuchImage(_))));
     assert_eq!(s.open_image("missing").unwrap_err().errno(), libc::ENOENT);
 
-    // One writer process at a time; readers are fine.
-    let e = Store::open(d.path(), OpenMode::ReadWrite).unwrap_err();
-    assert!(matches!(e, Error::Busy(_)), "{e}");
+    // Several writer processes may open a store; each image has one writer at a time.
+    let other = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    let mut mine = s.open_image("ok").unwrap();
+    mine.write(0, b"held").unwrap();
+    let mut theirs = other.open_image("ok").unwrap();
+    let e = theirs.write(0, b"x").unwrap_err();
+    assert!(matches!(e, Error::ImageBusy { .. }), "{e}");
     assert!(
-        e.to_string()
-            .contains(&format!("pid {}", std::process::id())),
+        e.to_string().contains(&format!("pid {}", std::process::id())),
         "{e}"
     );
+    assert_eq!(e.errno(), libc::EBUSY);
+    other.create_snapshot("ok", "snap").unwrap(); // pins the last commit: allowed
+    assert!(matches!(
+        other.rollback("ok", "snap"),
+        Err(Error::ImageBusy { .. })
+    ));
+    assert!(matches!(other.remove_image("ok"), Err(Error::ImageBusy { .. })));
+    assert!(matches!(
+        other.rename_image("ok", "ok2"),
+        Err(Error::ImageBusy { .. })
+    ));
+    assert_eq!(other.image_writer("ok").unwrap(), Some(std::process::id()));
+    mine.commit().unwrap();
+    drop(mine); // closing releases the lease
+    assert_eq!(other.image_writer("ok").unwrap(), None);
+    theirs.write(0, b"x").unwrap();
+    theirs.commit().unwrap();
+    drop(theirs);
+    other.rollback("ok", "snap").unwrap();
     let ro = Store::open(d.path(), OpenMode::ReadOnly).unwrap();
     assert!(ro.create_image("x", 0).is_err());
     drop(ro);
+    drop(other);
     drop(s);
 
     // Missing store, another format version.
@@ -332,11 +394,8 @@ fn bad_input_is_refused_clearly() {
         Err(Error::StoreExists(_))
     ));
     let conn = rusqlite_conn(&d.path().join("meta.db"));
-    conn.execute(
-        "UPDATE store SET value = 99 WHERE key = 'format_version'",
-        [],
-    )
-    .unwrap();
+    conn.execute("UPDATE store SET value = 99 WHERE key = 'format_version'", [])
+        .unwrap();
     drop(conn);
     let e = Store::open(d.path(), OpenMode::ReadOnly).unwrap_err();
     assert!(

@@ -43,6 +43,12 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
     fn truncate(&self, id: PackId, len: u64) -> io::Result<()>;
     /// Delete the pack.
     fn remove(&self, id: PackId) -> io::Result<()>;
+    /// Try to become the pack's only writer across processes (an advisory
+    /// lock held until [`PackStorage::release`] or process exit). `create`
+    /// claims the new pack. Recovery and GC touch only packs they can claim.
+    fn try_claim(&self, id: PackId) -> io::Result<bool>;
+    /// Give up a claim.
+    fn release(&self, id: PackId);
 }
 
 // ---------------------------------------------------------------- disk
@@ -75,12 +81,7 @@ impl DiskPacks {
         if let Some(f) = files.get(&id) {
             return Ok(f.clone());
         }
-        let f = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .append(true)
-                .open(self.path(id))?,
-        );
+        let f = Arc::new(OpenOptions::new().read(true).append(true).open(self.path(id))?);
         files.insert(id, f.clone());
         Ok(f)
     }
@@ -112,6 +113,8 @@ impl PackStorage for DiskPacks {
             .append(true)
             .create_new(true)
             .open(self.path(id))?;
+        f.try_lock()
+            .map_err(|e| io::Error::other(format!("claiming new pack {id}: {e}")))?;
         sync_dir(&self.dir)?;
         self.files.lock().unwrap().insert(id, Arc::new(f));
         Ok(())
@@ -144,6 +147,20 @@ impl PackStorage for DiskPacks {
         fs::remove_file(self.path(id))?;
         sync_dir(&self.dir)
     }
+
+    fn try_claim(&self, id: PackId) -> io::Result<bool> {
+        match self.file(id)?.try_lock() {
+            Ok(()) => Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    fn release(&self, id: PackId) {
+        if let Some(f) = self.files.lock().unwrap().get(&id) {
+            let _ = f.unlock();
+        }
+    }
 }
 
 // ---------------------------------------------------------------- memory
@@ -168,10 +185,7 @@ impl MemPacks {
 }
 
 fn not_found(id: PackId) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("pack {id:016x} does not exist"),
-    )
+    io::Error::new(io::ErrorKind::NotFound, format!("pack {id:016x} does not exist"))
 }
 
 impl PackStorage for MemPacks {
@@ -244,6 +258,15 @@ impl PackStorage for MemPacks {
             .map(|_| ())
             .ok_or_else(|| not_found(id))
     }
+    /// One process: every claim succeeds.
+    fn try_claim(&self, id: PackId) -> io::Result<bool> {
+        if self.packs.lock().unwrap().contains_key(&id) {
+            Ok(true)
+        } else {
+            Err(not_found(id))
+        }
+    }
+    fn release(&self, _id: PackId) {}
 }
 
 // ---------------------------------------------------------------- faults
@@ -379,6 +402,12 @@ impl<S: PackStorage> PackStorage for FaultPacks<S> {
         self.state.lock().unwrap().synced.remove(&id);
         Ok(())
     }
+    fn try_claim(&self, id: PackId) -> io::Result<bool> {
+        self.inner.try_claim(id)
+    }
+    fn release(&self, id: PackId) {
+        self.inner.release(id)
+    }
 }
 
 #[cfg(test)]
@@ -413,6 +442,18 @@ mod tests {
         exercise(&DiskPacks::new(dir.path().join("packs")).unwrap());
         exercise(&MemPacks::new());
         exercise(&FaultPacks::new(MemPacks::new()));
+    }
+
+    #[test]
+    fn disk_claims_exclude_other_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskPacks::new(dir.path()).unwrap();
+        let b = DiskPacks::new(dir.path()).unwrap(); // another open file description, as another process has
+        a.create(3).unwrap();
+        assert!(!b.try_claim(3).unwrap(), "a new pack is claimed by its creator");
+        a.release(3);
+        assert!(b.try_claim(3).unwrap());
+        assert!(!a.try_claim(3).unwrap());
     }
 
     #[test]

@@ -35,9 +35,7 @@ pub enum Error {
     #[error("a geosync store already exists at {0}")]
     StoreExists(String),
     /// The store was written by another on-disk format version.
-    #[error(
-        "store format version {found} is not supported by this geosync (supports {supported})"
-    )]
+    #[error("store format version {found} is not supported by this geosync (supports {supported})")]
     FormatVersion {
         /// Version recorded in the store.
         found: i64,
@@ -68,9 +66,7 @@ pub enum Error {
     },
     /// A version that is neither the head nor pinned by a snapshot: its map
     /// rows may have been pruned.
-    #[error(
-        "image {image:?} version {version} is not retained (only the head and snapshots are kept)"
-    )]
+    #[error("image {image:?} version {version} is not retained (only the head and snapshots are kept)")]
     VersionNotRetained {
         /// Image name.
         image: String,
@@ -78,7 +74,9 @@ pub enum Error {
         version: u64,
     },
     /// The image changed since this handle was opened (another writer committed).
-    #[error("image {image:?} changed underneath (expected version {expected}, found {found}); reopen and retry")]
+    #[error(
+        "image {image:?} changed underneath (expected version {expected}, found {found}); reopen and retry"
+    )]
     Conflict {
         /// Image name.
         image: String,
@@ -126,6 +124,14 @@ pub enum Error {
         /// The quota in bytes.
         quota: u64,
     },
+    /// The image is open for writing by a live handle (this or another process).
+    #[error("image {image:?} is open for writing (pid {pid}); close it first")]
+    ImageBusy {
+        /// Image name.
+        image: String,
+        /// Process holding it.
+        pid: u32,
+    },
     /// A bad argument (size, offset, option).
     #[error("{0}")]
     InvalidArgument(String),
@@ -150,9 +156,7 @@ impl Error {
     /// Wrap an I/O error with what was being done; a full disk becomes [`Error::NoSpace`].
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         let context = context.into();
-        if source.raw_os_error() == Some(libc::ENOSPC)
-            || source.kind() == io::ErrorKind::StorageFull
-        {
+        if source.raw_os_error() == Some(libc::ENOSPC) || source.kind() == io::ErrorKind::StorageFull {
             Error::NoSpace(context)
         } else {
             Error::Io { context, source }
@@ -189,15 +193,11 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::InvalidName { .. } | Error::InvalidArgument(_) => libc::EINVAL,
-            Error::NoSuchImage(_) | Error::NoSuchSnapshot { .. } | Error::NoStore(_) => {
-                libc::ENOENT
-            }
-            Error::ImageExists(_) | Error::SnapshotExists { .. } | Error::StoreExists(_) => {
-                libc::EEXIST
-            }
+            Error::NoSuchImage(_) | Error::NoSuchSnapshot { .. } | Error::NoStore(_) => libc::ENOENT,
+            Error::ImageExists(_) | Error::SnapshotExists { .. } | Error::StoreExists(_) => libc::EEXIST,
             Error::NoSpace(_) => libc::ENOSPC,
             Error::QuotaExceeded { .. } => libc::EDQUOT,
-            Error::Busy(_) | Error::Conflict { .. } => libc::EBUSY,
+            Error::Busy(_) | Error::Conflict { .. } | Error::ImageBusy { .. } => libc::EBUSY,
             _ => libc::EIO,
         }
     }

@@ -24,7 +24,7 @@ use rusqlite::OptionalExtension;
 use crate::backend::PackId;
 use crate::meta;
 use crate::pack::{self, is_zero};
-use crate::store::{BlockLoc, CommitRequest, ImageRow, StageGuard};
+use crate::store::{BlockLoc, CommitRequest, ImageRow, StageGuard, WriterLease};
 use crate::{BlockHash, Error, Result, Stamp, Store};
 
 /// Default bound of a handle's dirty set.
@@ -75,6 +75,7 @@ pub struct ImageHandle {
     touched: BTreeSet<PackId>,
     trunc_from: Option<u64>,
     guard: Option<StageGuard>,
+    lease: Option<WriterLease>,
 }
 
 impl ImageHandle {
@@ -92,7 +93,23 @@ impl ImageHandle {
             touched: BTreeSet::new(),
             trunc_from: None,
             guard: None,
+            lease: None,
         }
+    }
+
+    /// Become the image's one writer (on the first change; kept until drop).
+    fn ensure_lease(&mut self) -> Result<()> {
+        if self.lease.is_none() {
+            let lease = self.store.acquire_writer(self.row.id, &self.row.name)?;
+            if !self.is_dirty() {
+                // Nothing pending: start from the head as it is now (another
+                // writer may have committed since this handle was opened).
+                self.row = self.store.image_row_by_id(self.row.id, &self.row.name)?;
+                self.size = self.row.size;
+            }
+            self.lease = Some(lease);
+        }
+        Ok(())
     }
 
     /// Image name.
@@ -131,9 +148,8 @@ impl ImageHandle {
 
     fn committed_hash(&self, block: u64) -> Result<Option<BlockHash>> {
         let db = self.store.db();
-        let mut st = db.prepare_cached(
-            "SELECT hash FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL",
-        )?;
+        let mut st =
+            db.prepare_cached("SELECT hash FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL")?;
         Ok(st
             .query_row(rusqlite::params![self.row.id, block as i64], |r| {
                 meta::hash_from_row(r, 0)
@@ -239,10 +255,9 @@ impl ImageHandle {
                     "SELECT block FROM map WHERE image = ?1 AND died IS NULL AND block >= ?2 AND block < ?3
                       ORDER BY block LIMIT 1",
                 )?;
-                st.query_row(
-                    rusqlite::params![self.row.id, from as i64, limit as i64],
-                    |r| r.get::<_, i64>(0),
-                )
+                st.query_row(rusqlite::params![self.row.id, from as i64, limit as i64], |r| {
+                    r.get::<_, i64>(0)
+                })
                 .optional()?
                 .map(|b| b as u64)
             } else {
@@ -334,7 +349,7 @@ impl ImageHandle {
 
     /// Write `data` at `offset`, growing the image if it ends past the end.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.store.check_writable()?;
+        self.ensure_lease()?;
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| Error::InvalidArgument("write past the largest offset".into()))?;
@@ -374,7 +389,7 @@ impl ImageHandle {
     /// range: both read back as zeros, and whole blocks become holes). Does
     /// not change the size. Costs O(data blocks in the range).
     pub fn punch(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.store.check_writable()?;
+        self.ensure_lease()?;
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
             return Ok(());
@@ -418,7 +433,7 @@ impl ImageHandle {
     /// Set the size: grow adds holes; shrink drops everything past the new
     /// end (the tail of a partial last block reads as zeros).
     pub fn set_size(&mut self, new: u64) -> Result<()> {
-        self.store.check_writable()?;
+        self.ensure_lease()?;
         if new >= self.size {
             self.size = new;
             return Ok(());
@@ -506,10 +521,7 @@ impl ImageHandle {
                         continue;
                     }
                     self.staged.insert(block, Staged::Block(h));
-                    if !self.new_blocks.contains_key(&h)
-                        && !seen.contains(&h)
-                        && !self.store.has_block(&h)?
-                    {
+                    if !self.new_blocks.contains_key(&h) && !seen.contains(&h) && !self.store.has_block(&h)? {
                         seen.insert(h);
                         to_seal.push((h, data.unwrap()));
                     }
@@ -622,6 +634,7 @@ mod tests {
         assert_eq!(h.seek_hole(4096).unwrap(), Some(8192));
         let c = h.commit().unwrap();
         assert_eq!(c.version, 2);
+        drop(h); // one writer per image at a time
         let h2 = s.open_image("a").unwrap();
         h2.read(4096 + 100, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");

@@ -60,12 +60,7 @@ pub fn file_data_extents(f: &File) -> Result<Vec<(u64, u64)>> {
 }
 
 /// Import `path` as image `name` (created if missing, else a new version).
-pub fn import(
-    store: &Store,
-    name: &str,
-    path: &Path,
-    progress: &dyn Fn(u64),
-) -> Result<ImportReport> {
+pub fn import(store: &Store, name: &str, path: &Path, progress: &dyn Fn(u64)) -> Result<ImportReport> {
     crate::validate_name(name)?;
     let f = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let meta = f
@@ -139,38 +134,30 @@ pub enum ExportTarget<'a> {
 }
 
 /// Export image `name` (its head, or `snapshot`) and return the logical size.
-pub fn export(
-    store: &Store,
-    name: &str,
-    target: ExportTarget<'_>,
-    progress: &dyn Fn(u64),
-) -> Result<u64> {
+pub fn export(store: &Store, name: &str, target: ExportTarget<'_>, progress: &dyn Fn(u64)) -> Result<u64> {
     let info = store.image_info(name)?;
     let size = info.size;
     let map = store.live_map(name)?;
     let bs = store.block_size();
-    let read = |block: u64,
-                hash: &crate::BlockHash,
-                loc: &Option<crate::store::BlockLoc>|
-     -> Result<Vec<u8>> {
-        let loc = loc.ok_or(Error::MissingBlock {
-            hash: *hash,
-            image: Some(name.into()),
-            block: Some(block),
-        })?;
-        match store.read_record(hash, &loc) {
-            // GC compacted the pack since we read the map: look the block up again.
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                store.read_block(hash)
+    let read =
+        |block: u64, hash: &crate::BlockHash, loc: &Option<crate::store::BlockLoc>| -> Result<Vec<u8>> {
+            let loc = loc.ok_or(Error::MissingBlock {
+                hash: *hash,
+                image: Some(name.into()),
+                block: Some(block),
+            })?;
+            match store.read_record(hash, &loc) {
+                // GC compacted the pack since we read the map: look the block up again.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    store.read_block(hash)
+                }
+                r => r,
             }
-            r => r,
-        }
-        .map_err(|e| e.at_block(name, block))
-    };
+            .map_err(|e| e.at_block(name, block))
+        };
     match target {
         ExportTarget::File(path) => {
-            let f = File::create(path)
-                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            let f = File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
             f.set_len(size)
                 .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
             for batch in map.chunks(64) {

@@ -80,9 +80,7 @@ pub fn validate_name(name: &str) -> Result<()> {
     let bytes = name.as_bytes();
     match bytes.first() {
         None => return bad("it is empty"),
-        Some(c) if !c.is_ascii_alphanumeric() => {
-            return bad("it must start with a letter or digit")
-        }
+        Some(c) if !c.is_ascii_alphanumeric() => return bad("it must start with a letter or digit"),
         _ => {}
     }
     if bytes.len() > 128 {

@@ -11,6 +11,8 @@
 //! - `map(image, block, born, died, hash)`: block `block` of `image` is `hash`
 //!   in versions `[born, died)`; `died IS NULL` for the head.
 //! - `snapshots(image, name, version, size, stamp, created_ms)`.
+//! - `writers(image, pid, token, since_ms)`: the one live writer of an image
+//!   (a lease; rows of dead processes are ignored and cleaned up).
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -21,7 +23,14 @@ pub const FORMAT_VERSION: i64 = 1;
 
 pub const SCHEMA: &str = r#"
 CREATE TABLE store (key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID, STRICT;
-CREATE TABLE packs (id INTEGER PRIMARY KEY, committed_len INTEGER NOT NULL) STRICT;
+CREATE TABLE packs (id INTEGER PRIMARY KEY AUTOINCREMENT, committed_len INTEGER NOT NULL) STRICT;
+CREATE TABLE writers (
+    image INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    token INTEGER NOT NULL,
+    since_ms INTEGER NOT NULL,
+    PRIMARY KEY (image, pid, token)
+) WITHOUT ROWID, STRICT;
 CREATE TABLE blocks (
     hash BLOB PRIMARY KEY,
     pack INTEGER NOT NULL,
@@ -78,17 +87,13 @@ pub fn configure(conn: &Connection) -> Result<()> {
 
 pub fn get_i64(conn: &Connection, key: &str) -> Result<Option<i64>> {
     Ok(conn
-        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| {
-            r.get(0)
-        })
+        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| r.get(0))
         .optional()?)
 }
 
 pub fn get_text(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn
-        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| {
-            r.get(0)
-        })
+        .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| r.get(0))
         .optional()?)
 }
 

@@ -135,9 +135,7 @@ impl std::str::FromStr for Compression {
                 .strip_prefix(':')
                 .and_then(|l| l.parse::<i32>().ok())
                 .filter(|l| (1..=19).contains(l))
-                .ok_or_else(|| {
-                    format!("invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)")
-                })?,
+                .ok_or_else(|| format!("invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)"))?,
             None => {
                 return Err(format!(
                     "invalid compression {s:?}: use none, zstd or zstd:LEVEL (1-19)"
@@ -235,12 +233,7 @@ pub fn seal(raw: &[u8], hash: BlockHash, compression: Compression) -> Sealed {
 }
 
 /// Decode a payload and verify it against `expected`. `Err` says what failed.
-pub fn open(
-    payload: &[u8],
-    codec: Codec,
-    raw_len: u32,
-    expected: &BlockHash,
-) -> Result<Vec<u8>, String> {
+pub fn open(payload: &[u8], codec: Codec, raw_len: u32, expected: &BlockHash) -> Result<Vec<u8>, String> {
     let raw = match codec {
         Codec::Raw => payload.to_vec(),
         Codec::Zstd => {
@@ -261,10 +254,7 @@ pub fn open(
         }
     };
     if raw.len() != raw_len as usize {
-        return Err(format!(
-            "payload is {} bytes, expected {raw_len}",
-            raw.len()
-        ));
+        return Err(format!("payload is {} bytes, expected {raw_len}", raw.len()));
     }
     let actual = hash_block(&raw);
     if &actual != expected {
@@ -322,10 +312,7 @@ mod tests {
 
     #[test]
     fn compression_setting_parses() {
-        assert_eq!(
-            "zstd:3".parse::<Compression>().unwrap(),
-            Compression::Zstd(3)
-        );
+        assert_eq!("zstd:3".parse::<Compression>().unwrap(), Compression::Zstd(3));
         assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd(3));
         assert_eq!("none".parse::<Compression>().unwrap(), Compression::None);
         assert!("zstd:99".parse::<Compression>().is_err());

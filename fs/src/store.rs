@@ -23,9 +23,7 @@ use tracing::{debug, info, warn};
 use crate::backend::{DiskPacks, PackId, PackStorage};
 use crate::image::Staged;
 use crate::meta::{self, FORMAT_VERSION};
-use crate::pack::{
-    self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LEN, RECORD_HEADER_LEN,
-};
+use crate::pack::{self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::{validate_name, BlockHash, Error, ImageHandle, NodeId, Result, Stamp};
 
 /// A pack is closed and a new one started once it reaches this size.
@@ -186,16 +184,25 @@ impl Drop for StageGuard {
     fn drop(&mut self) {
         let mut st = self.inner.gate.lock().unwrap();
         st.stagers -= 1;
+        if st.stagers == 0 {
+            if let Some(f) = &self.inner.gc_lock {
+                let _ = f.unlock();
+            }
+        }
         self.inner.gate_cv.notify_all();
     }
 }
 
 struct GcGuard {
     inner: Arc<Inner>,
+    cross_process: Option<std::fs::File>,
 }
 
 impl Drop for GcGuard {
     fn drop(&mut self) {
+        if let Some(f) = self.cross_process.take() {
+            let _ = f.unlock();
+        }
         self.inner.gate.lock().unwrap().gc = false;
         self.inner.gate_cv.notify_all();
     }
@@ -203,9 +210,8 @@ impl Drop for GcGuard {
 
 #[derive(Debug, Default)]
 struct PackWriter {
-    /// The pack being appended to and its length.
+    /// The pack being appended to (claimed by this process) and its length.
     active: Option<(PackId, u64)>,
-    next_id: PackId,
     /// Packs whose append or sync failed: their unsynced tail may be lost.
     poisoned: HashSet<PackId>,
 }
@@ -217,7 +223,9 @@ pub(crate) struct Inner {
     db: Mutex<Connection>,
     pub(crate) config: StoreConfig,
     mode: OpenMode,
-    _lock: Option<std::fs::File>,
+    /// `STORE/gc.lock`: held shared by a process while it has stagers, and
+    /// exclusively by a GC (cross-process half of the stage gate).
+    gc_lock: Option<std::fs::File>,
     writer: Mutex<PackWriter>,
     gate: Mutex<GateState>,
     gate_cv: Condvar,
@@ -236,13 +244,11 @@ fn db_path(dir: &Path) -> PathBuf {
 impl Store {
     /// Create a store in `dir` (created if missing; must not hold a store).
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<Store> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         if db_path(dir).exists() {
             return Err(Error::StoreExists(dir.display().to_string()));
         }
-        let packs =
-            DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("creating packs/", e))?;
+        let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("creating packs/", e))?;
         Self::init_with(&db_path(dir), Box::new(packs), opts)?;
         Self::open(dir, OpenMode::ReadWrite)
     }
@@ -276,19 +282,20 @@ impl Store {
         if !db_path(dir).exists() {
             return Err(Error::NoStore(dir.display().to_string()));
         }
-        let lock = if mode == OpenMode::ReadWrite {
-            Some(take_writer_lock(dir)?)
-        } else {
-            None
-        };
-        let packs =
-            DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("opening packs/", e))?;
+        let gc_lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("gc.lock"))
+            .ok();
+        let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("opening packs/", e))?;
         Self::open_inner(
             Some(dir.to_path_buf()),
             &db_path(dir),
             Box::new(packs),
             mode,
-            lock,
+            gc_lock,
         )
     }
 
@@ -305,7 +312,7 @@ impl Store {
         db: &Path,
         packs: Box<dyn PackStorage>,
         mode: OpenMode,
-        lock: Option<std::fs::File>,
+        gc_lock: Option<std::fs::File>,
     ) -> Result<Store> {
         let conn = Connection::open(db)?;
         meta::configure(&conn)?;
@@ -337,7 +344,7 @@ impl Store {
                     node_id,
                 },
                 mode,
-                _lock: lock,
+                gc_lock,
                 writer: Mutex::new(PackWriter::default()),
                 gate: Mutex::new(GateState::default()),
                 gate_cv: Condvar::new(),
@@ -350,9 +357,8 @@ impl Store {
     }
 
     /// Cut torn or abandoned pack tails back to what committed transactions
-    /// cover, and pick the next pack number. Packs with no committed data are
-    /// left for `gc` (they are not trusted blindly: `repair --reindex` may
-    /// still want them).
+    /// cover — only for packs no live process is appending to (claimable).
+    /// Packs with no committed data are left for `gc`.
     fn recover(&self) -> Result<()> {
         let files = self
             .inner
@@ -370,31 +376,36 @@ impl Store {
             rows
         };
         for &id in &files {
-            let Some(&committed) = rows.get(&id) else {
-                continue;
-            };
+            let Some(&committed) = rows.get(&id) else { continue };
             let len = self
                 .inner
                 .packs
                 .len(id)
                 .map_err(|e| Error::io(format!("reading pack {id}"), e))?;
+            if len == committed {
+                continue;
+            }
+            if !self
+                .inner
+                .packs
+                .try_claim(id)
+                .map_err(|e| Error::io(format!("claiming pack {id}"), e))?
+            {
+                continue; // another live process is appending to it
+            }
             if len > committed {
                 info!(pack = id, len, committed, "cutting uncommitted pack tail");
-                self.inner
-                    .packs
-                    .truncate(id, committed)
-                    .map_err(|e| Error::io(format!("truncating pack {id}"), e))?;
-            } else if len < committed {
+                let r = self.inner.packs.truncate(id, committed);
+                self.inner.packs.release(id);
+                r.map_err(|e| Error::io(format!("truncating pack {id}"), e))?;
+            } else {
+                self.inner.packs.release(id);
                 warn!(
                     pack = id,
-                    len,
-                    committed,
-                    "pack is shorter than its committed length: run `geosync scrub`"
+                    len, committed, "pack is shorter than its committed length: run `geosync scrub`"
                 );
             }
         }
-        let max = files.iter().chain(rows.keys()).copied().max().unwrap_or(0);
-        self.inner.writer.lock().unwrap().next_id = max + 1;
         Ok(())
     }
 
@@ -431,6 +442,12 @@ impl Store {
         while st.gc {
             st = self.inner.gate_cv.wait(st).unwrap();
         }
+        if st.stagers == 0 {
+            if let Some(f) = &self.inner.gc_lock {
+                // Waits while a GC in another process runs.
+                let _ = f.lock_shared();
+            }
+        }
         st.stagers += 1;
         StageGuard {
             inner: self.inner.clone(),
@@ -446,8 +463,20 @@ impl Store {
         while st.stagers > 0 {
             st = self.inner.gate_cv.wait(st).unwrap();
         }
+        drop(st);
+        // Then the other processes: wait until none has a commit in flight.
+        let cross_process = self.inner.dir.as_ref().and_then(|d| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(d.join("gc.lock"))
+                .ok()?;
+            f.lock().ok()?;
+            Some(f)
+        });
         GcGuard {
             inner: self.inner.clone(),
+            cross_process,
         }
     }
 
@@ -462,10 +491,11 @@ impl Store {
         while i < sealed.len() {
             let (id, start) = match w.active {
                 Some((id, len)) if len < PACK_TARGET_SIZE => (id, len),
-                _ => {
-                    let id = w.next_id;
-                    w.next_id += 1;
-                    self.create_pack(id)?;
+                old => {
+                    if let Some((old, _)) = old {
+                        self.inner.packs.release(old);
+                    }
+                    let id = self.create_pack()?;
                     w.active = Some((id, PACK_HEADER_LEN));
                     (id, PACK_HEADER_LEN)
                 }
@@ -488,6 +518,7 @@ impl Store {
             if let Err(e) = self.inner.packs.append(id, &buf) {
                 w.active = None;
                 w.poisoned.insert(id);
+                self.inner.packs.release(id);
                 return Err(Error::io(format!("appending to pack {id}"), e));
             }
             w.active = Some((id, off));
@@ -495,14 +526,24 @@ impl Store {
         Ok(locs)
     }
 
-    fn create_pack(&self, id: PackId) -> Result<()> {
+    /// Allocate a pack number (from the database, so processes never collide),
+    /// create and claim the file, and write its header.
+    fn create_pack(&self) -> Result<PackId> {
+        let id = {
+            let db = self.db();
+            db.execute(
+                "INSERT INTO packs(committed_len) VALUES (?1)",
+                [PACK_HEADER_LEN as i64],
+            )?;
+            db.last_insert_rowid() as PackId
+        };
         let p = &self.inner.packs;
         p.create(id)
             .map_err(|e| Error::io(format!("creating pack {id}"), e))?;
         p.append(id, &pack::pack_header())
             .map_err(|e| Error::io(format!("writing pack {id} header"), e))?;
         debug!(pack = id, "new pack");
-        Ok(())
+        Ok(id)
     }
 
     /// Make the given packs durable. A pack whose sync fails is abandoned
@@ -521,6 +562,7 @@ impl Store {
                 w.poisoned.insert(id);
                 if w.active.map(|a| a.0) == Some(id) {
                     w.active = None;
+                    self.inner.packs.release(id);
                 }
                 return Err(Error::io(format!("syncing pack {id}"), e));
             }
@@ -530,7 +572,9 @@ impl Store {
 
     /// Stop appending to the current pack (GC compacts into a fresh one).
     fn close_active_pack(&self) -> Option<PackId> {
-        self.inner.writer.lock().unwrap().active.take().map(|a| a.0)
+        let id = self.inner.writer.lock().unwrap().active.take().map(|a| a.0)?;
+        self.inner.packs.release(id);
+        Some(id)
     }
 
     // ------------------------------------------------------------ blocks
@@ -538,9 +582,8 @@ impl Store {
     /// Where a block is stored, if the index has it.
     pub fn lookup(&self, hash: &BlockHash) -> Result<Option<BlockLoc>> {
         let db = self.db();
-        let mut st = db.prepare_cached(
-            "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1",
-        )?;
+        let mut st =
+            db.prepare_cached("SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1")?;
         Ok(st.query_row([&hash.0[..]], loc_from_row).optional()?)
     }
 
@@ -563,17 +606,10 @@ impl Store {
         }
         let header = RecordHeader::decode(buf[..RECORD_HEADER_LEN].try_into().unwrap())
             .map_err(|w| integrity(w.to_string()))?;
-        if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec
-        {
+        if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec {
             return Err(integrity("record header does not match the index".into()));
         }
-        pack::open(
-            &buf[RECORD_HEADER_LEN..],
-            header.codec,
-            header.raw_len,
-            hash,
-        )
-        .map_err(integrity)
+        pack::open(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
     }
 
     /// Read and verify a block by name.
@@ -608,6 +644,10 @@ impl Store {
         validate_name(name)?;
         let db = self.db();
         image_row(&db, name)
+    }
+
+    pub(crate) fn image_row_by_id(&self, id: i64, name: &str) -> Result<ImageRow> {
+        image_row_by_id(&self.db(), id, name)
     }
 
     /// Create an empty (all-hole) image of `size` bytes.
@@ -659,9 +699,7 @@ impl Store {
         let names: Vec<String> = {
             let db = self.db();
             let mut st = db.prepare("SELECT name FROM images ORDER BY name")?;
-            let names = st
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            let names = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
             names
         };
         names.iter().map(|n| self.image_info(n)).collect()
@@ -737,17 +775,9 @@ impl Store {
             ],
         )?;
         let seq = meta::next_seq(&tx)?;
-        tx.execute(
-            "UPDATE images SET seq = ?2 WHERE id = ?1",
-            params![row.id, seq],
-        )?;
+        tx.execute("UPDATE images SET seq = ?2 WHERE id = ?1", params![row.id, seq])?;
         tx.commit()?;
-        info!(
-            image,
-            snapshot = snap,
-            version = row.version,
-            "snapshot created"
-        );
+        info!(image, snapshot = snap, version = row.version, "snapshot created");
         Ok(SnapshotInfo {
             name: snap.into(),
             version: row.version,
@@ -770,10 +800,7 @@ impl Store {
         )?;
         let pruned = meta::prune(&tx, row.id, snap_row.version + 1, u64::MAX >> 1)?;
         let seq = meta::next_seq(&tx)?;
-        tx.execute(
-            "UPDATE images SET seq = ?2 WHERE id = ?1",
-            params![row.id, seq],
-        )?;
+        tx.execute("UPDATE images SET seq = ?2 WHERE id = ?1", params![row.id, seq])?;
         tx.commit()?;
         info!(image, snapshot = snap, pruned, "snapshot deleted");
         Ok(())
@@ -787,6 +814,7 @@ impl Store {
         let mut db = self.db();
         let tx = db.transaction()?;
         let row = image_row(&tx, image)?;
+        refuse_if_open(&tx, &row)?;
         let s = snapshot_row(&tx, &row, snap)?;
         let v = row.version + 1;
         let killed = tx.execute(
@@ -858,6 +886,7 @@ impl Store {
         let mut db = self.db();
         let tx = db.transaction()?;
         let row = image_row(&tx, old)?;
+        refuse_if_open(&tx, &row)?;
         if image_row(&tx, new).is_ok() {
             return Err(Error::ImageExists(new.into()));
         }
@@ -876,6 +905,7 @@ impl Store {
         let mut db = self.db();
         let tx = db.transaction()?;
         let row = image_row(&tx, name)?;
+        refuse_if_open(&tx, &row)?;
         tx.execute("DELETE FROM map WHERE image = ?1", [row.id])?;
         tx.execute("DELETE FROM snapshots WHERE image = ?1", [row.id])?;
         tx.execute("DELETE FROM images WHERE id = ?1", [row.id])?;
@@ -1020,19 +1050,14 @@ impl Store {
         let mut s = StoreStats::default();
         {
             let db = self.db();
-            let (images, logical): (i64, i64) = db.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+            let (images, logical): (i64, i64) =
+                db.query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
             s.images = images as u64;
             s.logical = logical as u64;
-            s.snapshots =
-                db.query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))? as u64;
-            let live: i64 =
-                db.query_row("SELECT COUNT(*) FROM map WHERE died IS NULL", [], |r| {
-                    r.get(0)
-                })?;
+            s.snapshots = db.query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))? as u64;
+            let live: i64 = db.query_row("SELECT COUNT(*) FROM map WHERE died IS NULL", [], |r| r.get(0))?;
             s.referenced = live as u64 * bs;
             s.unique = db.query_row(
                 "SELECT COALESCE(SUM(raw_len), 0) FROM blocks WHERE hash IN (SELECT hash FROM map WHERE died IS NULL)",
@@ -1084,11 +1109,7 @@ impl Store {
                 |r| r.get::<_, i64>(0),
             )? as u64)
         };
-        let live_before = if row.quota.is_some() {
-            count_live()?
-        } else {
-            0
-        };
+        let live_before = if row.quota.is_some() { count_live()? } else { 0 };
         {
             let mut ins = tx.prepare_cached(
                 "INSERT OR IGNORE INTO blocks(hash, pack, offset, stored_len, raw_len, codec)
@@ -1151,6 +1172,93 @@ impl Store {
     }
 }
 
+/// The right to write one image: held by at most one live handle, in any
+/// process, so no writer's buffered changes are ever overwritten or rolled
+/// back underneath it. Released on drop (or when its process dies).
+#[derive(Debug)]
+pub(crate) struct WriterLease {
+    store: Store,
+    image: i64,
+    token: i64,
+}
+
+impl Drop for WriterLease {
+    fn drop(&mut self) {
+        let _ = self.store.db().execute(
+            "DELETE FROM writers WHERE image = ?1 AND pid = ?2 AND token = ?3",
+            params![self.image, std::process::id() as i64, self.token],
+        );
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The live writer of an image, if any (rows of dead processes are removed).
+fn live_writer(conn: &Connection, image: i64) -> Result<Option<u32>> {
+    let pids: Vec<i64> = {
+        let mut st = conn.prepare_cached("SELECT pid FROM writers WHERE image = ?1")?;
+        let rows = st
+            .query_map([image], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        rows
+    };
+    for pid in pids {
+        if pid_alive(pid as u32) {
+            return Ok(Some(pid as u32));
+        }
+        conn.execute(
+            "DELETE FROM writers WHERE image = ?1 AND pid = ?2",
+            params![image, pid],
+        )?;
+    }
+    Ok(None)
+}
+
+impl Store {
+    /// Take the writer lease of an image (fails with `ImageBusy` if another
+    /// live handle, in this or another process, holds it).
+    pub(crate) fn acquire_writer(&self, image: i64, name: &str) -> Result<WriterLease> {
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(pid) = live_writer(&tx, image)? {
+            return Err(Error::ImageBusy {
+                image: name.into(),
+                pid,
+            });
+        }
+        let token: i64 = rand::random();
+        tx.execute(
+            "INSERT INTO writers(image, pid, token, since_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![image, std::process::id() as i64, token, meta::now_ms() as i64],
+        )?;
+        tx.commit()?;
+        Ok(WriterLease {
+            store: self.clone(),
+            image,
+            token,
+        })
+    }
+
+    /// Whether a live handle has the image open for writing (and its pid).
+    pub fn image_writer(&self, name: &str) -> Result<Option<u32>> {
+        let row = self.image_row(name)?;
+        live_writer(&self.db(), row.id)
+    }
+}
+
+fn refuse_if_open(conn: &Connection, row: &ImageRow) -> Result<()> {
+    match live_writer(conn, row.id)? {
+        Some(pid) => Err(Error::ImageBusy {
+            image: row.name.clone(),
+            pid,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What a handle commits.
 pub(crate) struct CommitRequest<'a> {
     pub image_id: i64,
@@ -1168,38 +1276,6 @@ fn ratio(a: u64, b: u64) -> f64 {
     } else {
         a as f64 / b as f64
     }
-}
-
-fn take_writer_lock(dir: &Path) -> Result<std::fs::File> {
-    use std::io::{Read, Seek, Write};
-    let path = dir.join("store.lock");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    match f.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = f.read_to_string(&mut holder);
-            return Err(Error::Busy(format!(
-                "another process ({}) has the store at {} open for writing",
-                match holder.trim() {
-                    "" => "unknown pid".to_string(),
-                    pid => format!("pid {pid}"),
-                },
-                dir.display()
-            )));
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("locking the store", e)),
-    }
-    let _ = f.set_len(0);
-    let _ = f.rewind();
-    let _ = write!(f, "{}", std::process::id());
-    Ok(f)
 }
 
 pub(crate) fn loc_from_row(r: &rusqlite::Row) -> rusqlite::Result<BlockLoc> {
@@ -1288,13 +1364,7 @@ fn snapshot_row(conn: &Connection, image: &ImageRow, snap: &str) -> Result<Snaps
         })
 }
 
-fn bump_version(
-    tx: &Transaction<'_>,
-    row: &ImageRow,
-    v: u64,
-    size: u64,
-    node: NodeId,
-) -> Result<Stamp> {
+fn bump_version(tx: &Transaction<'_>, row: &ImageRow, v: u64, size: u64, node: NodeId) -> Result<Stamp> {
     let stamp = meta::next_stamp(tx, node)?;
     let seq = meta::next_seq(tx)?;
     tx.execute(

@@ -101,25 +101,13 @@ pub fn stage_files(dest: &Path, sources: &Path, target: u64) -> Result<u64> {
 
 /// Build a sparse ext4 image of `size` at `img` holding ~`data` bytes of
 /// real files from `source` (`mkfs.ext4 -d`, no root needed).
-pub fn build_ext4_image(
-    img: &Path,
-    size: u64,
-    data: u64,
-    source: &Path,
-    staging: &Path,
-) -> Result<u64> {
+pub fn build_ext4_image(img: &Path, size: u64, data: u64, source: &Path, staging: &Path) -> Result<u64> {
     let copied = stage_files(staging, source, data)?;
     let f = fs::File::create(img)?;
     f.set_len(size)?;
     drop(f);
     let out = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1",
-            "-d",
-        ])
+        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
         .arg(staging)
         .arg(img)
         .output()

@@ -241,11 +241,9 @@ pub fn progress_bar(total: u64, what: &str) -> ProgressBar {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
     pb.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap()
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap()
+            .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -320,8 +318,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Import { name, file } => {
             let store = open(dir, OpenMode::ReadWrite)?;
-            let f = std::fs::File::open(&file)
-                .with_context(|| format!("opening {}", file.display()))?;
+            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
             let data: u64 = geosync_fs::io::file_data_extents(&f)?
                 .iter()
                 .map(|(s, e)| e - s)
@@ -340,7 +337,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 t.elapsed().as_secs_f64(),
                 format_size(info.referenced),
                 format_size(info.stored),
-                if r.commit.changed || r.created { "" } else { " (unchanged)" }
+                if r.commit.changed || r.created {
+                    ""
+                } else {
+                    " (unchanged)"
+                }
             );
         }
         Command::Export { name, file } => {
@@ -350,9 +351,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if file == "-" {
                 let stdout = std::io::stdout();
                 let mut lock = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-                export(&store, &name, ExportTarget::Stream(&mut lock), &|n| {
-                    pb.inc(n)
-                })?;
+                export(&store, &name, ExportTarget::Stream(&mut lock), &|n| pb.inc(n))?;
                 pb.finish_and_clear();
             } else {
                 export(&store, &name, ExportTarget::File(Path::new(&file)), &|n| {
@@ -490,10 +489,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         .collect();
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
-                    println!(
-                        "{:<24} {:>8} {:>11}  CREATED",
-                        "SNAPSHOT", "VERSION", "SIZE"
-                    );
+                    println!("{:<24} {:>8} {:>11}  CREATED", "SNAPSHOT", "VERSION", "SIZE");
                     for s in snaps {
                         println!(
                             "{:<24} {:>8} {:>11}  {}",
@@ -543,12 +539,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 c.version
             );
         }
-        Command::Diff {
-            name,
-            from,
-            to,
-            json,
-        } => {
+        Command::Diff { name, from, to, json } => {
             let store = open(dir, OpenMode::ReadOnly)?;
             let d = store.diff(&name, &from, &to)?;
             let bs = store.block_size();

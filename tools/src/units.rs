@@ -21,9 +21,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    let value: f64 = num.parse().map_err(|_| {
-        format!("invalid size {s:?}: use a number with an optional K, M, G, T or P suffix")
-    })?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: use a number with an optional K, M, G, T or P suffix"))?;
     let bytes = value * mult as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
         return Err(format!("size {s:?} is out of range"));

@@ -123,15 +123,8 @@ fn ext4_round_trip_is_byte_identical_sparse_and_fsck_clean() {
         fs::metadata(&img).unwrap().blocks() * 512,
         fs::metadata(&exp).unwrap().blocks() * 512,
     );
-    assert!(
-        du_exp <= du_src,
-        "export uses {du_exp} bytes, source {du_src}"
-    );
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&exp)
-        .output()
-        .unwrap();
+    assert!(du_exp <= du_src, "export uses {du_exp} bytes, source {du_src}");
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&exp).output().unwrap();
     assert!(
         fsck.status.success(),
         "e2fsck: {}",
@@ -183,11 +176,7 @@ fn ext4_round_trip_is_byte_identical_sparse_and_fsck_clean() {
     // Roll back, and the first version comes back byte for byte.
     ok(&store, &["rollback", "proj", "v1"]);
     ok(&store, &["export", "proj", exp.to_str().unwrap()]);
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&exp)
-        .output()
-        .unwrap();
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&exp).output().unwrap();
     assert!(fsck.status.success());
     let scrub = gs(&store, &["scrub"]);
     assert!(
@@ -238,8 +227,7 @@ fn cli_errors_are_clear_and_listings_are_json() {
     let snaps: serde_json::Value =
         serde_json::from_str(&ok(&store, &["snapshot", "list", "vm1", "--json"])).unwrap();
     assert_eq!(snaps[0]["name"], "daily");
-    let info: serde_json::Value =
-        serde_json::from_str(&ok(&store, &["info", "vm1", "--json"])).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&ok(&store, &["info", "vm1", "--json"])).unwrap();
     assert_eq!(info["snapshots"][0]["name"], "daily");
     ok(&store, &["mv", "vm2", "vm3"]);
     ok(&store, &["rm", "vm3"]);
@@ -250,11 +238,7 @@ fn cli_errors_are_clear_and_listings_are_json() {
     fs::write(&src, vec![1u8; 1 << 20]).unwrap();
     let o = gs(&store, &["import", "f", src.to_str().unwrap()]);
     assert!(o.status.success());
-    assert!(
-        o.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
@@ -264,10 +248,7 @@ fn scrub_exits_nonzero_on_damage_and_reindex_reports() {
     ok(&store, &["init"]);
     let src = t.path().join("f");
     let mut data = vec![0u8; 4 << 20];
-    blake3::Hasher::new()
-        .update(b"x")
-        .finalize_xof()
-        .fill(&mut data);
+    blake3::Hasher::new().update(b"x").finalize_xof().fill(&mut data);
     fs::write(&src, &data).unwrap();
     ok(&store, &["import", "img", src.to_str().unwrap()]);
     assert!(gs(&store, &["scrub"]).status.success());
@@ -278,11 +259,7 @@ fn scrub_exits_nonzero_on_damage_and_reindex_reports() {
         .unwrap()
         .unwrap()
         .path();
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .unwrap();
+    let f = fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, 1 << 20).unwrap();
     f.write_all_at(&[b[0] ^ 0xff], 1 << 20).unwrap();
@@ -293,10 +270,7 @@ fn scrub_exits_nonzero_on_damage_and_reindex_reports() {
         out.contains("DAMAGED block") && out.contains("used by image img block"),
         "{out}"
     );
-    let o = gs(
-        &store,
-        &["export", "img", t.path().join("out").to_str().unwrap()],
-    );
+    let o = gs(&store, &["export", "img", t.path().join("out").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("integrity error"),
@@ -317,10 +291,7 @@ fn kill_9_during_commit_leaves_old_or_new() {
     let mk = |name: &str, seed: &[u8]| {
         let p = t.path().join(name);
         let mut d = vec![0u8; 48 << 20];
-        blake3::Hasher::new()
-            .update(seed)
-            .finalize_xof()
-            .fill(&mut d);
+        blake3::Hasher::new().update(seed).finalize_xof().fill(&mut d);
         // Make it compressible so commits take a while.
         for chunk in d.chunks_mut(4096) {
             chunk[2048..].fill(0x20);
@@ -410,26 +381,17 @@ fn full_disk_during_import_keeps_previous_version() {
     ok(&store, &["init", "--compression", "none"]);
     let small = t.path().join("small.img");
     let mut d = vec![0u8; 2 << 20];
-    blake3::Hasher::new()
-        .update(b"small")
-        .finalize_xof()
-        .fill(&mut d);
+    blake3::Hasher::new().update(b"small").finalize_xof().fill(&mut d);
     fs::write(&small, &d).unwrap();
     ok(&store, &["import", "img", small.to_str().unwrap()]);
     let big = t.path().join("big.img");
     let mut d = vec![0u8; 32 << 20];
-    blake3::Hasher::new()
-        .update(b"big")
-        .finalize_xof()
-        .fill(&mut d);
+    blake3::Hasher::new().update(b"big").finalize_xof().fill(&mut d);
     fs::write(&big, &d).unwrap();
     let o = gs(&store, &["import", "img", big.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("no space left") || err.contains("full"),
-        "{err}"
-    );
+    assert!(err.contains("no space left") || err.contains("full"), "{err}");
     let out = t.path().join("out");
     ok(&store, &["export", "img", out.to_str().unwrap()]);
     assert_eq!(b3(&out), b3(&small));
@@ -439,7 +401,5 @@ fn full_disk_during_import_keeps_previous_version() {
 }
 
 fn rustix_is_root() -> bool {
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }

@@ -4,7 +4,9 @@
 //! GC protocol (why a racing commit never loses a block):
 //! 1. GC enters the stage gate exclusively: it waits for every writer that
 //!    has sealed or deduplicated blocks to commit (or fail), and new writers
-//!    wait for GC. So no block that a pending commit relies on — one it just
+//!    wait for GC — in this process (a counter and condvar) and in others
+//!    (`STORE/gc.lock`: held shared by a process while it has stagers,
+//!    exclusively by GC). So no block that a pending commit relies on — one it just
 //!    appended, or an existing one it deduplicated against — is unreferenced
 //!    while GC runs.
 //! 2. Mark = every hash in any map row (heads, and history pinned by snapshots).
@@ -12,7 +14,9 @@
 //! 4. Packs with no live record are deleted; packs whose live records are
 //!    under half their bytes are compacted: live records are copied (and
 //!    verified) into a fresh pack, synced, the index is switched in one
-//!    transaction, and only then is the old pack deleted. A crash at any
+//!    transaction, and only then is the old pack deleted. GC deletes or
+//!    compacts only packs it can claim, never one another process appends
+//!    to. A crash at any
 //!    point leaves every indexed block readable (at worst a pack with no
 //!    index rows, which the next GC deletes).
 
@@ -145,21 +149,28 @@ impl Store {
         let _gc = self.gc_enter();
         self.close_active_pack();
         let plan = self.gc_plan()?;
-        let swept = self.db().execute(
-            "DELETE FROM blocks WHERE hash NOT IN (SELECT hash FROM map)",
-            [],
-        )?;
+        let swept = self
+            .db()
+            .execute("DELETE FROM blocks WHERE hash NOT IN (SELECT hash FROM map)", [])?;
         info!(swept, "gc: swept unreferenced blocks");
         for &(id, _, _) in &plan.compact_packs {
-            self.compact_pack(id)?;
+            if self.claim(id)? {
+                let r = self.compact_pack(id);
+                self.inner.packs.release(id);
+                r?;
+            }
         }
         for &id in &plan.delete_packs {
-            let still: i64 = self.db().query_row(
-                "SELECT COUNT(*) FROM blocks WHERE pack = ?1",
-                [id as i64],
-                |r| r.get(0),
-            )?;
+            if !self.claim(id)? {
+                continue; // another process is appending to it
+            }
+            let still: i64 =
+                self.db()
+                    .query_row("SELECT COUNT(*) FROM blocks WHERE pack = ?1", [id as i64], |r| {
+                        r.get(0)
+                    })?;
             if still > 0 {
+                self.inner.packs.release(id);
                 continue; // cannot happen under the gate; never delete indexed data
             }
             self.db()
@@ -177,6 +188,13 @@ impl Store {
             "gc done"
         );
         Ok(plan)
+    }
+
+    fn claim(&self, id: PackId) -> Result<bool> {
+        self.inner
+            .packs
+            .try_claim(id)
+            .map_err(|e| Error::io(format!("claiming pack {id}"), e))
     }
 
     fn compact_pack(&self, id: PackId) -> Result<()> {
@@ -261,9 +279,8 @@ impl Store {
     fn missing_blocks(&self) -> Result<Vec<Damage>> {
         let hashes: Vec<BlockHash> = {
             let db = self.db();
-            let mut st = db.prepare(
-                "SELECT DISTINCT hash FROM map WHERE hash NOT IN (SELECT hash FROM blocks)",
-            )?;
+            let mut st =
+                db.prepare("SELECT DISTINCT hash FROM map WHERE hash NOT IN (SELECT hash FROM blocks)")?;
             let rows = st
                 .query_map([], |r| meta::hash_from_row(r, 0))?
                 .collect::<rusqlite::Result<_>>()?;
@@ -373,8 +390,7 @@ impl Store {
             let mut off = PACK_HEADER_LEN as usize;
             let mut end = PACK_HEADER_LEN;
             while off + RECORD_HEADER_LEN <= data.len() {
-                let hdr =
-                    RecordHeader::decode(data[off..off + RECORD_HEADER_LEN].try_into().unwrap());
+                let hdr = RecordHeader::decode(data[off..off + RECORD_HEADER_LEN].try_into().unwrap());
                 let hdr = match hdr {
                     Ok(h) if off + RECORD_HEADER_LEN + h.stored_len as usize <= data.len() => h,
                     Ok(_) => {
@@ -384,9 +400,7 @@ impl Store {
                         break;
                     }
                     Err(what) => {
-                        report
-                            .records_damaged
-                            .push((id, off as u64, what.to_string()));
+                        report.records_damaged.push((id, off as u64, what.to_string()));
                         // Resynchronize on the next header that checks out.
                         match find_next_record(&data, off + 1) {
                             Some(next) => {
@@ -397,8 +411,8 @@ impl Store {
                         }
                     }
                 };
-                let payload = &data
-                    [off + RECORD_HEADER_LEN..off + RECORD_HEADER_LEN + hdr.stored_len as usize];
+                let payload =
+                    &data[off + RECORD_HEADER_LEN..off + RECORD_HEADER_LEN + hdr.stored_len as usize];
                 let rec_end = off + RECORD_HEADER_LEN + hdr.stored_len as usize;
                 match pack::open(payload, hdr.codec, hdr.raw_len, &hdr.hash) {
                     Ok(_) => {
@@ -470,8 +484,7 @@ fn find_next_record(data: &[u8], from: usize) -> Option<usize> {
             Some(p) => {
                 let at = i + p;
                 if at + RECORD_HEADER_LEN <= data.len()
-                    && RecordHeader::decode(data[at..at + RECORD_HEADER_LEN].try_into().unwrap())
-                        .is_ok()
+                    && RecordHeader::decode(data[at..at + RECORD_HEADER_LEN].try_into().unwrap()).is_ok()
                 {
                     return Some(at);
                 }
