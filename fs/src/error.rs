@@ -135,9 +135,6 @@ pub enum Error {
     /// A bad argument (size, offset, option).
     #[error("{0}")]
     InvalidArgument(String),
-    /// Another operation holds the store lock.
-    #[error("store is busy: {0}")]
-    Busy(String),
     /// An I/O error.
     #[error("I/O error while {context}: {source}")]
     Io {
@@ -197,7 +194,7 @@ impl Error {
             Error::ImageExists(_) | Error::SnapshotExists { .. } | Error::StoreExists(_) => libc::EEXIST,
             Error::NoSpace(_) => libc::ENOSPC,
             Error::QuotaExceeded { .. } => libc::EDQUOT,
-            Error::Busy(_) | Error::Conflict { .. } | Error::ImageBusy { .. } => libc::EBUSY,
+            Error::Conflict { .. } | Error::ImageBusy { .. } => libc::EBUSY,
             _ => libc::EIO,
         }
     }

@@ -25,10 +25,12 @@
 //!    (or dedup against) until their commit ends; GC holds it exclusively.
 //!
 //! # Concurrency
-//! One process at a time opens a store for writing (an exclusive lock on
-//! `store.lock`); any number open it read-only. Inside the writer process the
-//! store is `Send + Sync` and shared by threads. See `ARCHITECTURE.md` for
-//! the table of which operations may run together.
+//! Several processes may open a store read-write: SQLite serializes metadata,
+//! packs are claimed by the process appending to them, each image has one
+//! writer lease at a time, and `gc.lock` extends the stage gate across
+//! processes. Inside a process the store is `Send + Sync` and shared by
+//! threads. See `ARCHITECTURE.md` for the table of which operations may run
+//! together.
 #![deny(missing_docs)]
 
 pub mod backend;

@@ -2,7 +2,7 @@
 //! operations (create, snapshot, rollback, clone, remove, diff, statistics).
 //! Maintenance (GC, scrub, reindex) is in [`crate::store::maint`].
 //!
-//! Locking inside the writer process:
+//! Locking inside a process (across processes: see `ARCHITECTURE.md`):
 //! - `db`: one SQLite connection behind a mutex; every metadata operation is
 //!   one short transaction under it.
 //! - `writer`: the active pack; held while a batch of records is appended.
@@ -52,7 +52,7 @@ impl Default for InitOptions {
 pub enum OpenMode {
     /// Readers only; any number of processes may do this at once.
     ReadOnly,
-    /// The one writer process (holds `store.lock`).
+    /// Readers and writers; several processes may do this at once.
     ReadWrite,
 }
 
