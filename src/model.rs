@@ -76,6 +76,20 @@ pub enum Op {
         /// New size.
         size: u64,
     },
+    /// Share `n` whole blocks of `src` (from block `from`) into `dst` at block
+    /// `to`, as `copy_file_range` does: by reference, not by copying bytes.
+    ShareBlocks {
+        /// Source slot.
+        src: usize,
+        /// Destination slot.
+        dst: usize,
+        /// First source block.
+        from: u64,
+        /// First destination block.
+        to: u64,
+        /// Blocks.
+        n: u64,
+    },
     /// Commit the slot's pending changes.
     Commit {
         /// Slot.
@@ -136,6 +150,8 @@ pub fn op(faults: bool) -> impl Strategy<Value = Op> {
             .prop_map(|(img, offset, len, fill)| Op::Write { img, offset, len, fill }),
         3 => (img.clone(), 0..MAX_SIZE, 1..(6 * BS)).prop_map(|(img, offset, len)| Op::Punch { img, offset, len }),
         2 => (img.clone(), 0..MAX_SIZE).prop_map(|(img, size)| Op::Resize { img, size }),
+        2 => (img.clone(), img.clone(), 0..MAX_SIZE / BS, 0..MAX_SIZE / BS, 1..4u64)
+            .prop_map(|(src, dst, from, to, n)| Op::ShareBlocks { src, dst, from, to, n }),
         3 => img.clone().prop_map(|img| Op::Commit { img }),
         2 => img.clone().prop_map(|img| Op::Snapshot { img }),
         2 => (img.clone(), any::<usize>()).prop_map(|(img, which)| Op::Rollback { img, which }),

@@ -128,6 +128,35 @@ impl Sut {
                     m.current.resize(size as usize, 0);
                 }
             }
+            Op::ShareBlocks {
+                src,
+                dst,
+                from,
+                to,
+                n,
+            } => {
+                if self.model[src].is_some() && self.model[dst].is_some() {
+                    let sources = self.handles[src]
+                        .as_ref()
+                        .unwrap()
+                        .block_sources(from..from + n)
+                        .unwrap();
+                    let end = (to + n) * BS;
+                    self.handles[dst]
+                        .as_mut()
+                        .unwrap()
+                        .put_blocks(to, sources, end)
+                        .unwrap();
+                    let mut bytes = self.model[src].as_ref().unwrap().current.clone();
+                    bytes.resize(((from + n) * BS).max(bytes.len() as u64) as usize, 0);
+                    let chunk = bytes[(from * BS) as usize..((from + n) * BS) as usize].to_vec();
+                    let m = self.model[dst].as_mut().unwrap();
+                    if m.current.len() < end as usize {
+                        m.current.resize(end as usize, 0);
+                    }
+                    m.current[(to * BS) as usize..end as usize].copy_from_slice(&chunk);
+                }
+            }
             Op::Commit { img } => self.commit(img),
             Op::Snapshot { img } => {
                 if self.model[img].is_some() {
@@ -261,6 +290,15 @@ impl Sut {
                     );
                 }
             }
+            let data_blocks = (0..size.div_ceil(BS))
+                .filter(|&b| block_is_data(&m.current, b))
+                .count() as u64;
+            prop_assert_eq!(
+                h.allocated_bytes().unwrap(),
+                data_blocks * BS,
+                "allocation of {}",
+                slot_name(i)
+            );
             // The committed version, through a fresh handle.
             let fresh = self.store().open_image(&slot_name(i)).unwrap();
             prop_assert_eq!(fresh.size(), m.committed.len() as u64);
@@ -293,6 +331,21 @@ impl Sut {
                 prop_assert!(&buf == data, "snapshot {} of {} differs", name, slot_name(i));
                 drop(h);
                 store.remove_image("check").unwrap();
+                // The read-only snapshot view reads the same, holes included.
+                let view = store.open_snapshot(&slot_name(i), name).unwrap();
+                let mut buf = vec![0xAAu8; data.len()];
+                view.read(0, &mut buf).unwrap();
+                prop_assert!(&buf == data, "snapshot view {} of {} differs", name, slot_name(i));
+                let snap_model = ModelImage {
+                    current: data.clone(),
+                    ..Default::default()
+                };
+                for b in 0..=(data.len() as u64).div_ceil(BS) {
+                    prop_assert_eq!(view.seek_data(b * BS).unwrap(), snap_model.seek_data(b * BS));
+                    prop_assert_eq!(view.seek_hole(b * BS).unwrap(), snap_model.seek_hole(b * BS));
+                }
+                let mut view = view;
+                prop_assert!(matches!(view.write(0, b"x"), Err(geosync_fs::Error::ReadOnly(_))));
 
                 let d = store.diff(&slot_name(i), name, "head").unwrap();
                 let got: Vec<u64> = d.changed.iter().flat_map(|r| r.clone()).collect();

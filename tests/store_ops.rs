@@ -275,13 +275,27 @@ fn quota_refuses_growth_and_keeps_the_image() {
     write_commit(&s, "q", 0, &noise(1, 3 * BS as usize));
     let before = read_all(&s, "q");
     let mut h = s.open_image("q").unwrap();
-    h.write(10 * BS, &noise(2, 2 * BS as usize)).unwrap();
-    assert!(matches!(h.commit(), Err(Error::QuotaExceeded { .. })));
-    assert_eq!(read_all(&s, "q"), before);
-    // Freeing space is always allowed.
+    h.write(20 * BS, &noise(3, 100)).unwrap(); // the 4th block: still within the quota
+    let e = h.write(10 * BS, &noise(2, 2 * BS as usize)).unwrap_err();
+    assert!(matches!(e, Error::QuotaExceeded { .. }), "{e}");
+    assert_eq!(e.errno(), libc::EDQUOT);
+    // The refused write changed nothing; what was accepted commits.
+    h.commit().unwrap();
+    let mut want = before.clone();
+    want.resize(64 * BS as usize, 0);
+    want[20 * BS as usize..20 * BS as usize + 100].copy_from_slice(&noise(3, 100));
+    assert_eq!(read_all(&s, "q"), want);
+    assert_eq!(s.image_info("q").unwrap().referenced, 4 * BS);
+    // A quota lowered underneath a writer is still enforced at commit.
+    h.write(30 * BS, &[1]).unwrap_err();
+    s.set_quota("q", Some(2 * BS)).unwrap();
+    h.write(0, &[9]).unwrap(); // overwrites a data block: no growth
+    h.commit().unwrap();
+    // Freeing space is always allowed, even over the quota.
     h.punch(0, BS).unwrap();
     h.commit().unwrap();
-    assert_eq!(s.image_info("q").unwrap().referenced, 2 * BS);
+    assert_eq!(s.image_info("q").unwrap().referenced, 3 * BS);
+    assert_eq!(h.allocated_bytes().unwrap(), 3 * BS);
 }
 
 #[test]

@@ -132,6 +132,9 @@ pub enum Error {
         /// Process holding it.
         pid: u32,
     },
+    /// A write to something read-only (a snapshot, a read-only store).
+    #[error("read-only: {0}")]
+    ReadOnly(String),
     /// A bad argument (size, offset, option).
     #[error("{0}")]
     InvalidArgument(String),
@@ -193,6 +196,7 @@ impl Error {
             Error::NoSuchImage(_) | Error::NoSuchSnapshot { .. } | Error::NoStore(_) => libc::ENOENT,
             Error::ImageExists(_) | Error::SnapshotExists { .. } | Error::StoreExists(_) => libc::EEXIST,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::ReadOnly(_) => libc::EROFS,
             Error::QuotaExceeded { .. } => libc::EDQUOT,
             Error::Conflict { .. } | Error::ImageBusy { .. } => libc::EBUSY,
             _ => libc::EIO,

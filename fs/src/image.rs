@@ -17,6 +17,7 @@
 //! granularity.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use rusqlite::OptionalExtension;
@@ -37,6 +38,20 @@ enum Dirty {
     Zero,
     /// Whole block contents (bytes past the image end are zero).
     Data(Box<[u8]>),
+    /// An existing stored block, shared rather than copied (`copy_file_range`).
+    /// The handle holds the stage gate while it has any, so GC keeps the block.
+    Ref(BlockHash),
+}
+
+/// Where a block's content comes from, for copying ranges by sharing.
+#[derive(Clone, Debug)]
+pub enum BlockSource {
+    /// All zeros.
+    Hole,
+    /// A stored block.
+    Stored(BlockHash),
+    /// Uncommitted bytes.
+    Bytes(Box<[u8]>),
 }
 
 /// A sealed but uncommitted block.
@@ -76,7 +91,16 @@ pub struct ImageHandle {
     trunc_from: Option<u64>,
     guard: Option<StageGuard>,
     lease: Option<WriterLease>,
+    /// Read-only view of this committed version (a snapshot) instead of the head.
+    view: Option<u64>,
+    /// Committed map lookups (valid for `row.version`; kept in step by commit).
+    map_cache: Mutex<HashMap<u64, Option<BlockHash>>>,
+    /// Data blocks of the effective image, when known (for `st_blocks` and quota).
+    alloc: Mutex<Option<u64>>,
 }
+
+/// Entries of the committed-map cache before it is cleared (bounds memory).
+const MAP_CACHE_MAX: usize = 1 << 20;
 
 impl ImageHandle {
     pub(crate) fn new(store: Store, row: ImageRow) -> Self {
@@ -94,17 +118,47 @@ impl ImageHandle {
             trunc_from: None,
             guard: None,
             lease: None,
+            view: None,
+            map_cache: Mutex::new(HashMap::new()),
+            alloc: Mutex::new(None),
+        }
+    }
+
+    /// A read-only handle on a committed version (a snapshot).
+    pub(crate) fn new_view(store: Store, mut row: ImageRow, version: u64, size: u64) -> Self {
+        row.version = version;
+        row.size = size;
+        let mut h = Self::new(store, row);
+        h.view = Some(version);
+        h
+    }
+
+    /// Whether this handle is a read-only view of a snapshot.
+    pub fn is_read_only(&self) -> bool {
+        self.view.is_some()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match self.view {
+            Some(_) => Err(Error::ReadOnly(format!("{} is a snapshot", self.row.name))),
+            None => self.store.check_writable(),
         }
     }
 
     /// Become the image's one writer (on the first change; kept until drop).
     fn ensure_lease(&mut self) -> Result<()> {
+        self.check_writable()?;
         if self.lease.is_none() {
             let lease = self.store.acquire_writer(self.row.id, &self.row.name)?;
             if !self.is_dirty() {
                 // Nothing pending: start from the head as it is now (another
                 // writer may have committed since this handle was opened).
-                self.row = self.store.image_row_by_id(self.row.id, &self.row.name)?;
+                let row = self.store.image_row_by_id(self.row.id, &self.row.name)?;
+                if row.version != self.row.version {
+                    self.map_cache.lock().unwrap().clear();
+                    *self.alloc.lock().unwrap() = None;
+                }
+                self.row = row;
                 self.size = self.row.size;
             }
             self.lease = Some(lease);
@@ -147,14 +201,35 @@ impl ImageHandle {
     // -------------------------------------------------------------- reading
 
     fn committed_hash(&self, block: u64) -> Result<Option<BlockHash>> {
-        let db = self.store.db();
-        let mut st =
-            db.prepare_cached("SELECT hash FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL")?;
-        Ok(st
-            .query_row(rusqlite::params![self.row.id, block as i64], |r| {
-                meta::hash_from_row(r, 0)
-            })
-            .optional()?)
+        if let Some(h) = self.map_cache.lock().unwrap().get(&block) {
+            return Ok(*h);
+        }
+        let h = {
+            let db = self.store.db();
+            match self.view {
+                None => db
+                    .prepare_cached("SELECT hash FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL")?
+                    .query_row(rusqlite::params![self.row.id, block as i64], |r| {
+                        meta::hash_from_row(r, 0)
+                    })
+                    .optional()?,
+                Some(v) => db
+                    .prepare_cached(
+                        "SELECT hash FROM map WHERE image = ?1 AND block = ?2 AND born <= ?3
+                           AND (died IS NULL OR died > ?3)",
+                    )?
+                    .query_row(rusqlite::params![self.row.id, block as i64, v as i64], |r| {
+                        meta::hash_from_row(r, 0)
+                    })
+                    .optional()?,
+            }
+        };
+        let mut c = self.map_cache.lock().unwrap();
+        if c.len() >= MAP_CACHE_MAX {
+            c.clear();
+        }
+        c.insert(block, h);
+        Ok(h)
     }
 
     /// The block's effective content source, ignoring the dirty set.
@@ -184,6 +259,11 @@ impl ImageHandle {
         match self.dirty.get(&block) {
             Some(Dirty::Zero) => return Ok(vec![0; self.bs as usize]),
             Some(Dirty::Data(d)) => return Ok(d.to_vec()),
+            Some(Dirty::Ref(h)) => {
+                let mut v = self.read_hash(h, block)?;
+                v.resize(self.bs as usize, 0);
+                return Ok(v);
+            }
             None => {}
         }
         match self.base_state(block)? {
@@ -212,6 +292,12 @@ impl ImageHandle {
             match self.dirty.get(&block) {
                 Some(Dirty::Data(d)) => out.copy_from_slice(&d[within..within + n]),
                 Some(Dirty::Zero) => out.fill(0),
+                Some(Dirty::Ref(h)) => {
+                    let data = self.read_hash(h, block)?;
+                    let avail = data.len().saturating_sub(within).min(n);
+                    out[..avail].copy_from_slice(&data[within..within + avail]);
+                    out[avail..].fill(0);
+                }
                 None => match self.base_state(block)? {
                     None => out.fill(0),
                     Some(h) => {
@@ -237,6 +323,7 @@ impl ImageHandle {
         Ok(match self.dirty.get(&block) {
             Some(Dirty::Zero) => false,
             Some(Dirty::Data(d)) => !is_zero(d),
+            Some(Dirty::Ref(_)) => true,
             None => self.base_state(block)?.is_some(),
         })
     }
@@ -251,14 +338,27 @@ impl ImageHandle {
             let limit = self.trunc_from.unwrap_or(u64::MAX).min(n);
             let db_next: Option<u64> = if from < limit {
                 let db = self.store.db();
-                let mut st = db.prepare_cached(
-                    "SELECT block FROM map WHERE image = ?1 AND died IS NULL AND block >= ?2 AND block < ?3
-                      ORDER BY block LIMIT 1",
-                )?;
-                st.query_row(rusqlite::params![self.row.id, from as i64, limit as i64], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .optional()?
+                match self.view {
+                    None => db
+                        .prepare_cached(
+                            "SELECT block FROM map WHERE image = ?1 AND died IS NULL AND block >= ?2
+                               AND block < ?3 ORDER BY block LIMIT 1",
+                        )?
+                        .query_row(rusqlite::params![self.row.id, from as i64, limit as i64], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                        .optional()?,
+                    Some(v) => db
+                        .prepare_cached(
+                            "SELECT block FROM map WHERE image = ?1 AND block >= ?2 AND block < ?3
+                               AND born <= ?4 AND (died IS NULL OR died > ?4) ORDER BY block LIMIT 1",
+                        )?
+                        .query_row(
+                            rusqlite::params![self.row.id, from as i64, limit as i64, v as i64],
+                            |r| r.get::<_, i64>(0),
+                        )
+                        .optional()?,
+                }
                 .map(|b| b as u64)
             } else {
                 None
@@ -328,23 +428,90 @@ impl ImageHandle {
 
     /// Blocks holding data (committed and uncommitted), for `st_blocks`.
     pub fn allocated_bytes(&self) -> Result<u64> {
-        let mut n = 0u64;
-        let mut b = 0;
-        while let Some(d) = self.next_data_block(b)? {
-            n += 1;
-            b = d + 1;
+        Ok(self.alloc_blocks()? * self.bs)
+    }
+
+    /// Data blocks of the effective image: counted once (one indexed COUNT plus
+    /// the overlay), then kept up to date by every change.
+    fn alloc_blocks(&self) -> Result<u64> {
+        if let Some(n) = *self.alloc.lock().unwrap() {
+            return Ok(n);
         }
-        Ok(n * self.bs)
+        let limit = self
+            .trunc_from
+            .unwrap_or(u64::MAX)
+            .min(self.row.size.div_ceil(self.bs));
+        let committed: i64 = {
+            let db = self.store.db();
+            match self.view {
+                None => db.query_row(
+                    "SELECT COUNT(*) FROM map WHERE image = ?1 AND died IS NULL AND block < ?2",
+                    rusqlite::params![self.row.id, limit.min(i64::MAX as u64) as i64],
+                    |r| r.get(0),
+                )?,
+                Some(v) => db.query_row(
+                    "SELECT COUNT(*) FROM map WHERE image = ?1 AND block < ?2 AND born <= ?3
+                       AND (died IS NULL OR died > ?3)",
+                    rusqlite::params![self.row.id, limit.min(i64::MAX as u64) as i64, v as i64],
+                    |r| r.get(0),
+                )?,
+            }
+        };
+        let mut n = committed;
+        let overlay: BTreeSet<u64> = self.dirty.keys().chain(self.staged.keys()).copied().collect();
+        for b in overlay {
+            let was = b < limit && self.committed_hash(b)?.is_some();
+            n += self.is_data(b)? as i64 - was as i64;
+        }
+        let n = n.max(0) as u64;
+        *self.alloc.lock().unwrap() = Some(n);
+        Ok(n)
+    }
+
+    /// Quota check before a change that may turn `new_data` holes into data.
+    fn check_quota(&self, blocks: impl Iterator<Item = u64>) -> Result<()> {
+        let Some(quota) = self.row.quota else {
+            return Ok(());
+        };
+        let mut grow = 0;
+        for b in blocks {
+            grow += !self.is_data(b)? as u64;
+        }
+        if grow > 0 && (self.alloc_blocks()? + grow) * self.bs > quota {
+            return Err(Error::QuotaExceeded {
+                image: self.row.name.clone(),
+                quota,
+            });
+        }
+        Ok(())
     }
 
     // -------------------------------------------------------------- writing
 
-    fn set_dirty(&mut self, block: u64, d: Dirty) {
+    fn set_dirty(&mut self, block: u64, d: Dirty) -> Result<()> {
+        let known = self.alloc.lock().unwrap().is_some();
+        if known {
+            let was = self.is_data(block)?;
+            let now = match &d {
+                Dirty::Zero => false,
+                Dirty::Data(b) => !is_zero(b),
+                Dirty::Ref(_) => true,
+            };
+            if let Some(n) = self.alloc.lock().unwrap().as_mut() {
+                *n = (*n + now as u64).saturating_sub(was as u64);
+            }
+        }
         let add = matches!(d, Dirty::Data(_)) as usize * self.bs as usize;
         if let Some(Dirty::Data(_)) = self.dirty.insert(block, d) {
             self.dirty_bytes -= self.bs as usize;
         }
         self.dirty_bytes += add;
+        Ok(())
+    }
+
+    /// Bytes of whole blocks held in memory.
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_bytes
     }
 
     /// Write `data` at `offset`, growing the image if it ends past the end.
@@ -353,6 +520,10 @@ impl ImageHandle {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| Error::InvalidArgument("write past the largest offset".into()))?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.check_quota(offset / self.bs..end.div_ceil(self.bs))?;
         if end > self.size {
             self.size = end;
         }
@@ -365,18 +536,14 @@ impl ImageHandle {
             let contents: Box<[u8]> = if n == self.bs as usize {
                 data[done..done + n].into()
             } else {
-                let mut b = match self.dirty.remove(&block) {
-                    Some(Dirty::Data(d)) => {
-                        self.dirty_bytes -= self.bs as usize;
-                        d
-                    }
-                    Some(Dirty::Zero) => vec![0; self.bs as usize].into(),
-                    None => self.block_contents(block)?.into(),
+                let mut b: Box<[u8]> = match self.dirty.get(&block) {
+                    Some(Dirty::Data(d)) => d.clone(),
+                    _ => self.block_contents(block)?.into(),
                 };
                 b[within..within + n].copy_from_slice(&data[done..done + n]);
                 b
             };
-            self.set_dirty(block, Dirty::Data(contents));
+            self.set_dirty(block, Dirty::Data(contents))?;
             done += n;
         }
         if self.dirty_bytes > self.dirty_limit {
@@ -405,8 +572,7 @@ impl ImageHandle {
             let stop = ((block + 1) * h.bs).min(end);
             let mut b = h.block_contents(block)?;
             b[(start - block * h.bs) as usize..(stop - block * h.bs) as usize].fill(0);
-            h.set_dirty(block, Dirty::Data(b.into()));
-            Ok(())
+            h.set_dirty(block, Dirty::Data(b.into()))
         };
         if first_full > end_full {
             // Inside one block.
@@ -424,7 +590,7 @@ impl ImageHandle {
             if d >= end_full {
                 break;
             }
-            self.set_dirty(d, Dirty::Zero);
+            self.set_dirty(d, Dirty::Zero)?;
             b = d + 1;
         }
         Ok(())
@@ -447,12 +613,13 @@ impl ImageHandle {
         }
         self.staged.split_off(&nb);
         self.trunc_from = Some(self.trunc_from.map_or(nb, |t| t.min(nb)));
+        *self.alloc.lock().unwrap() = None; // recounted when next asked
         if new % self.bs != 0 {
             let last = new / self.bs;
             if self.is_data(last)? {
                 let mut b = self.block_contents(last)?;
                 b[(new % self.bs) as usize..].fill(0);
-                self.set_dirty(last, Dirty::Data(b.into()));
+                self.set_dirty(last, Dirty::Data(b.into()))?;
             }
         }
         self.size = new;
@@ -470,6 +637,7 @@ impl ImageHandle {
         self.trunc_from = None;
         self.size = self.row.size;
         self.guard = None;
+        *self.alloc.lock().unwrap() = None;
     }
 
     fn seal_or_reset(&mut self) -> Result<()> {
@@ -496,6 +664,7 @@ impl ImageHandle {
                 Dirty::Zero => (block, None, None),
                 Dirty::Data(data) if is_zero(&data) => (block, None, None),
                 Dirty::Data(data) => (block, Some(pack::hash_block(&data)), Some(data)),
+                Dirty::Ref(h) => (block, Some(h), None), // already stored, kept by the gate
             })
             .collect();
         let mut to_seal: Vec<(BlockHash, Box<[u8]>)> = Vec::new();
@@ -521,9 +690,14 @@ impl ImageHandle {
                         continue;
                     }
                     self.staged.insert(block, Staged::Block(h));
-                    if !self.new_blocks.contains_key(&h) && !seen.contains(&h) && !self.store.has_block(&h)? {
-                        seen.insert(h);
-                        to_seal.push((h, data.unwrap()));
+                    if let Some(data) = data {
+                        if !self.new_blocks.contains_key(&h)
+                            && !seen.contains(&h)
+                            && !self.store.has_block(&h)?
+                        {
+                            seen.insert(h);
+                            to_seal.push((h, data));
+                        }
                     }
                 }
             }
@@ -560,8 +734,11 @@ impl ImageHandle {
 
     fn try_commit(&mut self) -> Result<CommitInfo> {
         self.seal()?;
+        // A commit does not change what the image holds: the allocation stays valid.
+        let alloc = *self.alloc.lock().unwrap();
         if self.staged.is_empty() && self.size == self.row.size && self.trunc_from.is_none() {
             self.reset();
+            *self.alloc.lock().unwrap() = alloc;
             return Ok(CommitInfo {
                 version: self.row.version,
                 stamp: None,
@@ -581,13 +758,97 @@ impl ImageHandle {
         self.row.version = version;
         self.row.size = self.size;
         self.row.stamp = stamp;
+        {
+            let mut cache = self.map_cache.lock().unwrap();
+            if self.trunc_from.is_some() {
+                cache.clear();
+            } else {
+                for (&b, st) in &self.staged {
+                    cache.insert(
+                        b,
+                        match st {
+                            Staged::Hole => None,
+                            Staged::Block(h) => Some(*h),
+                        },
+                    );
+                }
+            }
+        }
+        if let Ok(row) = self.store.image_row_by_id(self.row.id, &self.row.name) {
+            self.row.quota = row.quota; // `geosync quota set` may have changed it
+        }
         self.reset();
+        *self.alloc.lock().unwrap() = alloc;
         tracing::debug!(image = %self.row.name, version, %stamp, "committed");
         Ok(CommitInfo {
             version,
             stamp: Some(stamp),
             changed: true,
         })
+    }
+
+    /// Where the content of each block in `blocks` comes from, for sharing it
+    /// with another image (or another place in this one) without copying.
+    pub fn block_sources(&self, blocks: std::ops::Range<u64>) -> Result<Vec<BlockSource>> {
+        blocks
+            .map(|b| {
+                Ok(match self.dirty.get(&b) {
+                    Some(Dirty::Zero) => BlockSource::Hole,
+                    Some(Dirty::Data(d)) => BlockSource::Bytes(d.clone()),
+                    Some(Dirty::Ref(h)) => BlockSource::Stored(*h),
+                    None => match self.base_state(b)? {
+                        None => BlockSource::Hole,
+                        // Sealed by this handle but not committed: not indexed yet,
+                        // and gone if this handle's commit fails: copy the bytes.
+                        Some(h) if self.new_blocks.contains_key(&h) => {
+                            BlockSource::Bytes(self.block_contents(b)?.into())
+                        }
+                        Some(h) => BlockSource::Stored(h),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Make whole blocks starting at `first` equal to `sources` by sharing
+    /// stored blocks (a clone, not a copy). Grows the image to cover them.
+    /// Hold the stage gate until commit so GC keeps the shared blocks.
+    pub fn put_blocks(&mut self, first: u64, sources: Vec<BlockSource>, size_at_least: u64) -> Result<()> {
+        self.ensure_lease()?;
+        self.check_quota(first..first + sources.len() as u64)?;
+        if self.guard.is_none() {
+            self.guard = Some(self.store.stage_enter());
+        }
+        if size_at_least > self.size {
+            self.size = size_at_least;
+        }
+        for (i, src) in sources.into_iter().enumerate() {
+            let d = match src {
+                BlockSource::Hole => Dirty::Zero,
+                BlockSource::Stored(h) => Dirty::Ref(h),
+                BlockSource::Bytes(b) => Dirty::Data(b),
+            };
+            self.set_dirty(first + i as u64, d)?;
+        }
+        if self.dirty_bytes > self.dirty_limit {
+            self.seal_or_reset()?;
+        }
+        Ok(())
+    }
+
+    /// Block size of the image's store.
+    pub fn block_size(&self) -> u64 {
+        self.bs
+    }
+
+    /// Stamp of the committed version this handle is based on.
+    pub fn stamp(&self) -> Stamp {
+        self.row.stamp
+    }
+
+    /// Creation time of the image (ms since the epoch).
+    pub fn created_ms(&self) -> u64 {
+        self.row.created_ms
     }
 
     /// Drop uncommitted changes.

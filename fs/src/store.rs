@@ -26,6 +26,13 @@ use crate::meta::{self, FORMAT_VERSION};
 use crate::pack::{self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::{validate_name, BlockHash, Error, ImageHandle, NodeId, Result, Stamp};
 
+/// Default bytes of decompressed blocks kept for re-reading.
+pub const DEFAULT_READ_CACHE: usize = 64 << 20;
+
+fn cache_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new((bytes / block_size.max(1) as usize).max(1)).unwrap()
+}
+
 /// A pack is closed and a new one started once it reaches this size.
 pub const PACK_TARGET_SIZE: u64 = 64 << 20;
 
@@ -227,6 +234,8 @@ pub(crate) struct Inner {
     /// exclusively by a GC (cross-process half of the stage gate).
     gc_lock: Option<std::fs::File>,
     writer: Mutex<PackWriter>,
+    /// Recently read blocks, verified and decompressed (bounded by bytes).
+    cache: Mutex<lru::LruCache<BlockHash, Arc<[u8]>>>,
     gate: Mutex<GateState>,
     gate_cv: Condvar,
 }
@@ -346,6 +355,7 @@ impl Store {
                 mode,
                 gc_lock,
                 writer: Mutex::new(PackWriter::default()),
+                cache: Mutex::new(lru::LruCache::new(cache_entries(DEFAULT_READ_CACHE, block_size))),
                 gate: Mutex::new(GateState::default()),
                 gate_cv: Condvar::new(),
             }),
@@ -431,7 +441,7 @@ impl Store {
     pub(crate) fn check_writable(&self) -> Result<()> {
         match self.inner.mode {
             OpenMode::ReadWrite => Ok(()),
-            OpenMode::ReadOnly => Err(Error::InvalidArgument("store is open read-only".into())),
+            OpenMode::ReadOnly => Err(Error::ReadOnly("the store is open read-only".into())),
         }
     }
 
@@ -612,8 +622,30 @@ impl Store {
         pack::open(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
     }
 
-    /// Read and verify a block by name.
+    /// Bound the read cache (bytes of decompressed blocks; 0 disables it).
+    pub fn set_read_cache(&self, bytes: usize) {
+        let mut c = self.inner.cache.lock().unwrap();
+        c.resize(cache_entries(bytes, self.inner.config.block_size));
+        if bytes == 0 {
+            c.clear();
+        }
+    }
+
+    /// Read and verify a block by name (through the read cache).
     pub fn read_block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        if let Some(b) = self.inner.cache.lock().unwrap().get(hash) {
+            return Ok(b.to_vec());
+        }
+        let data = self.read_block_uncached(hash)?;
+        self.inner
+            .cache
+            .lock()
+            .unwrap()
+            .put(*hash, data.as_slice().into());
+        Ok(data)
+    }
+
+    fn read_block_uncached(&self, hash: &BlockHash) -> Result<Vec<u8>> {
         for attempt in 0..2 {
             let loc = self.lookup(hash)?.ok_or(Error::MissingBlock {
                 hash: *hash,
@@ -677,6 +709,13 @@ impl Store {
         tx.commit()?;
         info!(image = name, size, "created image");
         Ok(())
+    }
+
+    /// A read-only handle on a snapshot of an image.
+    pub fn open_snapshot(&self, image: &str, snap: &str) -> Result<ImageHandle> {
+        let row = self.image_row(image)?;
+        let s = snapshot_row(&self.db(), &row, snap)?;
+        Ok(ImageHandle::new_view(self.clone(), row, s.version, s.size))
     }
 
     /// Open an image for reading and writing through a handle.
