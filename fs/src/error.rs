@@ -135,6 +135,9 @@ pub enum Error {
     /// A write to something read-only (a snapshot, a read-only store).
     #[error("read-only: {0}")]
     ReadOnly(String),
+    /// An operation geosync does not do (a fallocate mode, a directory op).
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// A bad argument (size, offset, option).
     #[error("{0}")]
     InvalidArgument(String),
@@ -197,6 +200,7 @@ impl Error {
             Error::ImageExists(_) | Error::SnapshotExists { .. } | Error::StoreExists(_) => libc::EEXIST,
             Error::NoSpace(_) => libc::ENOSPC,
             Error::ReadOnly(_) => libc::EROFS,
+            Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::QuotaExceeded { .. } => libc::EDQUOT,
             Error::Conflict { .. } | Error::ImageBusy { .. } => libc::EBUSY,
             _ => libc::EIO,

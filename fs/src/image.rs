@@ -145,7 +145,12 @@ impl ImageHandle {
         }
     }
 
-    /// Become the image's one writer (on the first change; kept until drop).
+    /// Become the image's one writer now (otherwise done at the first change;
+    /// kept until the handle is dropped). `ImageBusy` if another handle writes it.
+    pub fn acquire(&mut self) -> Result<()> {
+        self.ensure_lease()
+    }
+
     fn ensure_lease(&mut self) -> Result<()> {
         self.check_writable()?;
         if self.lease.is_none() {

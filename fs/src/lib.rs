@@ -35,11 +35,13 @@
 
 pub mod backend;
 pub mod error;
+pub mod fuse;
 pub mod image;
 pub mod io;
 mod meta;
 pub mod pack;
 pub mod store;
+pub mod vfs;
 
 use std::fmt;
 

@@ -733,6 +733,14 @@ impl Store {
         }
     }
 
+    /// Names of all images, sorted.
+    pub fn image_names(&self) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut st = db.prepare_cached("SELECT name FROM images ORDER BY name")?;
+        let names = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(names)
+    }
+
     /// All images, by name.
     pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
         let names: Vec<String> = {

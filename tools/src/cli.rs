@@ -155,6 +155,13 @@ pub enum Command {
         #[arg(long, required = true)]
         reindex: bool,
     },
+    /// Serve the store's images as files over FUSE (foreground unless --daemon).
+    Mount(crate::mount::MountArgs),
+    /// Unmount a geosync mount (the daemon commits and exits).
+    Umount {
+        /// Mount point.
+        mountpoint: PathBuf,
+    },
     /// Set or clear an image's quota on referenced bytes.
     #[command(subcommand)]
     Quota(QuotaCmd),
@@ -226,6 +233,7 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
@@ -673,6 +681,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 q.map(format_size).unwrap_or_else(|| "none".into())
             );
         }
+        Command::Mount(args) => crate::mount::mount(dir, args)?,
+        Command::Umount { mountpoint } => crate::mount::umount_cmd(&mountpoint)?,
         Command::Bench(cmd) => return crate::bench::run(cmd).map(|_| ExitCode::SUCCESS),
     }
     Ok(ExitCode::SUCCESS)

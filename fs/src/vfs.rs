@@ -1,0 +1,730 @@
+//! The filesystem the mount serves, as plain methods over the store — tested
+//! without FUSE; [`crate::fuse`] is a thin adapter over it.
+//!
+//! Namespace (flat):
+//! - `/<image>`: read-write image files. `create` makes an empty image,
+//!   `unlink` removes one, `rename` renames (replacing the target).
+//! - `/.snapshots/<image>/<snapshot>`: read-only images; `unlink` deletes
+//!   the snapshot.
+//! Names outside `[A-Za-z0-9][A-Za-z0-9._-]{0,127}` are refused with EINVAL.
+//!
+//! Open files: every open of an image shares one [`ImageHandle`] (so all
+//! file descriptors see the same bytes), behind a read-write lock: reads run
+//! in parallel, writes one at a time. The first open for writing takes the
+//! image's writer lease (EBUSY if another process writes it). When the last
+//! descriptor closes, pending changes are committed and the handle dropped,
+//! so the next open sees any change made behind the mount (a rollback, a
+//! replica update).
+//!
+//! Commits: on `fsync` and `flush` (every `close`), when the dirty set
+//! reaches `dirty_limit`, and from [`Vfs::commit_due`] for images with
+//! changes older than `commit_interval`. `fsync` returns only when the data
+//! is durable. Memory: at most `dirty_limit` of dirty blocks per open image,
+//! plus the store's read cache.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::image::BlockSource;
+use crate::{validate_name, Error, ImageHandle, Result, Store};
+
+/// Inode of the root directory.
+pub const ROOT_INO: u64 = 1;
+/// Inode of `/.snapshots`.
+pub const SNAP_ROOT_INO: u64 = 2;
+/// Name of the snapshots directory.
+pub const SNAP_DIR: &str = ".snapshots";
+
+/// Mount settings.
+#[derive(Clone, Debug)]
+pub struct VfsConfig {
+    /// Dirty bytes per open image before a commit is forced.
+    pub dirty_limit: usize,
+    /// Changes older than this are committed by [`Vfs::commit_due`].
+    pub commit_interval: Duration,
+}
+
+impl Default for VfsConfig {
+    fn default() -> Self {
+        VfsConfig {
+            dirty_limit: 256 << 20,
+            commit_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a node is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Node {
+    Root,
+    SnapRoot,
+    SnapDir(String),
+    Image(String),
+    Snapshot(String, String),
+}
+
+/// File or directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory.
+    Dir,
+    /// An image file.
+    File,
+}
+
+/// Attributes of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// File or directory.
+    pub kind: Kind,
+    /// Logical size.
+    pub size: u64,
+    /// Bytes really allocated (for `st_blocks`).
+    pub allocated: u64,
+    /// Permission bits.
+    pub perm: u16,
+    /// Modification time (ms since the epoch): the version's stamp.
+    pub mtime_ms: u64,
+    /// Creation time (ms since the epoch).
+    pub crtime_ms: u64,
+    /// Preferred I/O size (the block size).
+    pub blksize: u32,
+}
+
+/// A directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Inode number.
+    pub ino: u64,
+    /// File or directory.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+}
+
+/// Store usage for `statfs`.
+#[derive(Clone, Copy, Debug)]
+pub struct FsStats {
+    /// Fragment size.
+    pub frsize: u64,
+    /// Total fragments of the disk holding the store.
+    pub blocks: u64,
+    /// Free fragments.
+    pub bfree: u64,
+    /// Free fragments for unprivileged users.
+    pub bavail: u64,
+    /// Images.
+    pub files: u64,
+}
+
+#[derive(Default)]
+struct Nodes {
+    by_ino: HashMap<u64, Node>,
+    by_node: HashMap<Node, u64>,
+    next: u64,
+}
+
+impl Nodes {
+    fn ino(&mut self, n: Node) -> u64 {
+        match n {
+            Node::Root => return ROOT_INO,
+            Node::SnapRoot => return SNAP_ROOT_INO,
+            _ => {}
+        }
+        if let Some(&i) = self.by_node.get(&n) {
+            return i;
+        }
+        self.next = self.next.max(SNAP_ROOT_INO) + 1;
+        let i = self.next;
+        self.by_node.insert(n.clone(), i);
+        self.by_ino.insert(i, n);
+        i
+    }
+
+    fn get(&self, ino: u64) -> Option<Node> {
+        match ino {
+            ROOT_INO => Some(Node::Root),
+            SNAP_ROOT_INO => Some(Node::SnapRoot),
+            _ => self.by_ino.get(&ino).cloned(),
+        }
+    }
+
+    fn forget(&mut self, n: &Node) {
+        if let Some(i) = self.by_node.remove(n) {
+            self.by_ino.remove(&i);
+        }
+    }
+
+    fn rename(&mut self, from: &Node, to: Node) {
+        if let Some(i) = self.by_node.remove(from) {
+            self.by_node.insert(to.clone(), i);
+            self.by_ino.insert(i, to);
+        }
+    }
+}
+
+struct OpenImage {
+    handle: RwLock<ImageHandle>,
+    opens: AtomicU64,
+    /// When the oldest uncommitted change was made (None: nothing pending).
+    dirty_since: Mutex<Option<Instant>>,
+}
+
+/// The mounted filesystem, independent of FUSE.
+pub struct Vfs {
+    store: Store,
+    cfg: VfsConfig,
+    nodes: Mutex<Nodes>,
+    open: Mutex<HashMap<u64, Arc<OpenImage>>>,
+    fhs: Mutex<HashMap<u64, u64>>,
+    next_fh: AtomicU64,
+    mounted_ms: u64,
+}
+
+fn enoent(what: &str) -> Error {
+    Error::NoSuchImage(what.to_string())
+}
+
+impl Vfs {
+    /// A filesystem over `store`.
+    pub fn new(store: Store, cfg: VfsConfig) -> Vfs {
+        Vfs {
+            store,
+            cfg,
+            nodes: Mutex::new(Nodes::default()),
+            open: Mutex::new(HashMap::new()),
+            fhs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            mounted_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn node(&self, ino: u64) -> Result<Node> {
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(ino)
+            .ok_or_else(|| enoent(&format!("inode {ino}")))
+    }
+
+    fn dir_attr(&self, ino: u64) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            allocated: 0,
+            perm: 0o755,
+            mtime_ms: self.mounted_ms,
+            crtime_ms: self.mounted_ms,
+            blksize: self.store.block_size() as u32,
+        }
+    }
+
+    fn handle_attr(&self, ino: u64, h: &ImageHandle) -> Result<Attr> {
+        Ok(Attr {
+            ino,
+            kind: Kind::File,
+            size: h.size(),
+            allocated: h.allocated_bytes()?,
+            perm: if h.is_read_only() { 0o444 } else { 0o644 },
+            mtime_ms: h.stamp().hlc.wall_ms,
+            crtime_ms: h.created_ms(),
+            blksize: self.store.block_size() as u32,
+        })
+    }
+
+    fn attr_of(&self, ino: u64, node: &Node) -> Result<Attr> {
+        match node {
+            Node::Root | Node::SnapRoot | Node::SnapDir(_) => Ok(self.dir_attr(ino)),
+            _ => {
+                if let Some(o) = self.open.lock().unwrap().get(&ino).cloned() {
+                    return self.handle_attr(ino, &o.handle.read().unwrap());
+                }
+                let h = match node {
+                    Node::Image(name) => self.store.open_image(name)?,
+                    Node::Snapshot(img, snap) => self.store.open_snapshot(img, snap)?,
+                    _ => unreachable!(),
+                };
+                self.handle_attr(ino, &h)
+            }
+        }
+    }
+
+    /// Look `name` up in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        let node = match self.node(parent)? {
+            Node::Root if name == SNAP_DIR => Node::SnapRoot,
+            Node::Root => {
+                validate_name(name)?;
+                if !self.store.image_exists(name)? {
+                    return Err(enoent(name));
+                }
+                Node::Image(name.to_string())
+            }
+            Node::SnapRoot => {
+                validate_name(name)?;
+                if !self.store.image_exists(name)? {
+                    return Err(enoent(name));
+                }
+                Node::SnapDir(name.to_string())
+            }
+            Node::SnapDir(img) => {
+                validate_name(name)?;
+                self.store.resolve_version(&img, name)?;
+                Node::Snapshot(img, name.to_string())
+            }
+            _ => return Err(Error::InvalidArgument("not a directory".into())),
+        };
+        let ino = self.nodes.lock().unwrap().ino(node.clone());
+        self.attr_of(ino, &node)
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let node = self.node(ino)?;
+        self.attr_of(ino, &node)
+    }
+
+    /// Entries of a directory (without `.` and `..`).
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let (entries, mk): (Vec<(String, Kind)>, Box<dyn Fn(String) -> Node>) = match self.node(ino)? {
+            Node::Root => {
+                let mut v = vec![(SNAP_DIR.to_string(), Kind::Dir)];
+                v.extend(self.store.image_names()?.into_iter().map(|n| (n, Kind::File)));
+                (v, Box::new(Node::Image))
+            }
+            Node::SnapRoot => (
+                self.store
+                    .image_names()?
+                    .into_iter()
+                    .map(|n| (n, Kind::Dir))
+                    .collect(),
+                Box::new(Node::SnapDir),
+            ),
+            Node::SnapDir(img) => {
+                let snaps = self.store.list_snapshots(&img)?;
+                (
+                    snaps.into_iter().map(|s| (s.name, Kind::File)).collect(),
+                    Box::new(move |s| Node::Snapshot(img.clone(), s)),
+                )
+            }
+            _ => return Err(Error::InvalidArgument("not a directory".into())),
+        };
+        let mut nodes = self.nodes.lock().unwrap();
+        Ok(entries
+            .into_iter()
+            .map(|(name, kind)| {
+                let node = if name == SNAP_DIR && ino == ROOT_INO {
+                    Node::SnapRoot
+                } else {
+                    mk(name.clone())
+                };
+                DirEntry {
+                    ino: nodes.ino(node),
+                    kind,
+                    name,
+                }
+            })
+            .collect())
+    }
+
+    /// Create an empty image `name` in the root and open it for writing.
+    pub fn create(&self, parent: u64, name: &str) -> Result<(Attr, u64)> {
+        if parent != ROOT_INO {
+            return Err(Error::ReadOnly(
+                "only images can be created, in the mount's root".into(),
+            ));
+        }
+        validate_name(name)?;
+        self.store.create_image(name, 0)?;
+        let ino = self.nodes.lock().unwrap().ino(Node::Image(name.to_string()));
+        let fh = self.open(ino, true)?;
+        Ok((self.getattr(ino)?, fh))
+    }
+
+    /// Open an image or snapshot; returns a file handle.
+    pub fn open(&self, ino: u64, write: bool) -> Result<u64> {
+        let node = self.node(ino)?;
+        let mut open = self.open.lock().unwrap();
+        let o = match open.get(&ino) {
+            Some(o) => o.clone(),
+            None => {
+                let h = match &node {
+                    Node::Image(name) => self.store.open_image(name)?,
+                    Node::Snapshot(img, snap) => self.store.open_snapshot(img, snap)?,
+                    _ => return Err(Error::InvalidArgument("is a directory".into())),
+                };
+                let o = Arc::new(OpenImage {
+                    handle: RwLock::new(h),
+                    opens: AtomicU64::new(0),
+                    dirty_since: Mutex::new(None),
+                });
+                open.insert(ino, o.clone());
+                o
+            }
+        };
+        if write {
+            let mut h = o.handle.write().unwrap();
+            if let Err(e) = h.acquire() {
+                if o.opens.load(Ordering::SeqCst) == 0 {
+                    open.remove(&ino);
+                }
+                return Err(e);
+            }
+            h.set_dirty_limit(usize::MAX); // the mount decides when to commit
+        }
+        o.opens.fetch_add(1, Ordering::SeqCst);
+        drop(open);
+        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
+        self.fhs.lock().unwrap().insert(fh, ino);
+        Ok(fh)
+    }
+
+    fn file(&self, fh: u64) -> Result<(u64, Arc<OpenImage>)> {
+        let ino = *self
+            .fhs
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .ok_or_else(|| Error::InvalidArgument(format!("bad file handle {fh}")))?;
+        let o = self
+            .open
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument(format!("file handle {fh} is not open")))?;
+        Ok((ino, o))
+    }
+
+    fn commit_open(&self, o: &OpenImage) -> Result<()> {
+        let mut h = o.handle.write().unwrap();
+        if h.is_read_only() {
+            return Ok(());
+        }
+        let r = h.commit();
+        *o.dirty_since.lock().unwrap() = None;
+        if let Err(e) = &r {
+            warn!(image = h.name(), error = %e, "commit failed: uncommitted writes were dropped");
+        }
+        r.map(|_| ())
+    }
+
+    /// Close a file handle; the last close commits and drops the image handle.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let Some(ino) = self.fhs.lock().unwrap().remove(&fh) else {
+            return Ok(());
+        };
+        let mut open = self.open.lock().unwrap();
+        let Some(o) = open.get(&ino).cloned() else {
+            return Ok(());
+        };
+        if o.opens.fetch_sub(1, Ordering::SeqCst) == 1 {
+            open.remove(&ino);
+            drop(open);
+            return self.commit_open(&o);
+        }
+        Ok(())
+    }
+
+    /// Read up to `size` bytes at `offset`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let (_, o) = self.file(fh)?;
+        let h = o.handle.read().unwrap();
+        let mut buf = vec![0u8; size as usize];
+        let n = h.read(offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn mark_dirty(&self, o: &OpenImage, h: &ImageHandle) -> Result<bool> {
+        let mut since = o.dirty_since.lock().unwrap();
+        if since.is_none() {
+            *since = Some(Instant::now());
+        }
+        Ok(h.dirty_bytes() >= self.cfg.dirty_limit)
+    }
+
+    /// Write `data` at `offset`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let (_, o) = self.file(fh)?;
+        let full = {
+            let mut h = o.handle.write().unwrap();
+            h.write(offset, data)?;
+            self.mark_dirty(&o, &h)?
+        };
+        if full {
+            self.commit_open(&o)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Make everything written through this image durable.
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        let (_, o) = self.file(fh)?;
+        self.commit_open(&o)
+    }
+
+    /// Set the size of an image (open or not).
+    pub fn set_size(&self, ino: u64, size: u64) -> Result<Attr> {
+        let node = self.node(ino)?;
+        let name = match &node {
+            Node::Image(n) => n.clone(),
+            Node::Snapshot(..) => return Err(Error::ReadOnly("snapshots are read-only".into())),
+            _ => return Err(Error::InvalidArgument("is a directory".into())),
+        };
+        let open = self.open.lock().unwrap().get(&ino).cloned();
+        match open {
+            Some(o) => {
+                let mut h = o.handle.write().unwrap();
+                h.set_size(size)?;
+                self.mark_dirty(&o, &h)?;
+            }
+            None => {
+                let mut h = self.store.open_image(&name)?;
+                h.set_size(size)?;
+                h.commit()?;
+            }
+        }
+        self.getattr(ino)
+    }
+
+    /// `fallocate(2)`: PUNCH_HOLE, ZERO_RANGE (with or without KEEP_SIZE),
+    /// or plain allocation (which only extends the size: storage is thin).
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(Error::Unsupported(format!("fallocate mode {mode:#x}")));
+        }
+        let (_, o) = self.file(fh)?;
+        let mut h = o.handle.write().unwrap();
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::InvalidArgument("fallocate range overflows".into()))?;
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            h.punch(offset, len)?;
+        }
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > h.size() {
+            h.set_size(end)?;
+        }
+        self.mark_dirty(&o, &h)?;
+        Ok(())
+    }
+
+    /// `lseek(2)` with SEEK_DATA (`data = true`) or SEEK_HOLE; `None` is ENXIO.
+    pub fn seek(&self, fh: u64, offset: u64, data: bool) -> Result<Option<u64>> {
+        let (_, o) = self.file(fh)?;
+        let h = o.handle.read().unwrap();
+        if data {
+            h.seek_data(offset)
+        } else {
+            h.seek_hole(offset)
+        }
+    }
+
+    /// `copy_file_range(2)` inside the mount: whole blocks are shared (a
+    /// clone, not a copy); unaligned edges are copied.
+    pub fn copy_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> Result<u64> {
+        let (ino_in, src) = self.file(fh_in)?;
+        let (ino_out, dst) = self.file(fh_out)?;
+        let n = if ino_in == ino_out {
+            let mut h = dst.handle.write().unwrap();
+            copy_blocks(None, &mut h, off_in, off_out, len)?
+        } else {
+            let from = src.handle.read().unwrap();
+            let mut to = dst.handle.write().unwrap();
+            copy_blocks(Some(&from), &mut to, off_in, off_out, len)?
+        };
+        let full = {
+            let h = dst.handle.read().unwrap();
+            self.mark_dirty(&dst, &h)?
+        };
+        if full {
+            self.commit_open(&dst)?;
+        }
+        Ok(n)
+    }
+
+    /// Remove an image (in the root) or a snapshot (in `/.snapshots/<image>`).
+    pub fn unlink(&self, parent: u64, name: &str) -> Result<()> {
+        validate_name(name)?;
+        match self.node(parent)? {
+            Node::Root => {
+                let node = Node::Image(name.to_string());
+                let ino = self.nodes.lock().unwrap().by_node.get(&node).copied();
+                if let Some(ino) = ino {
+                    if self.open.lock().unwrap().contains_key(&ino) {
+                        return Err(Error::ImageBusy {
+                            image: name.into(),
+                            pid: std::process::id(),
+                        });
+                    }
+                }
+                self.store.remove_image(name)?;
+                self.nodes.lock().unwrap().forget(&node);
+                info!(image = name, "removed through the mount");
+                Ok(())
+            }
+            Node::SnapDir(img) => {
+                self.store.delete_snapshot(&img, name)?;
+                self.nodes
+                    .lock()
+                    .unwrap()
+                    .forget(&Node::Snapshot(img, name.to_string()));
+                Ok(())
+            }
+            _ => Err(Error::ReadOnly("only images and snapshots can be removed".into())),
+        }
+    }
+
+    /// Rename an image (root to root). Replaces an existing target unless
+    /// `noreplace`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+    ) -> Result<()> {
+        if parent != ROOT_INO || newparent != ROOT_INO {
+            return Err(Error::Unsupported(
+                "only images in the mount's root can be renamed".into(),
+            ));
+        }
+        validate_name(name)?;
+        validate_name(newname)?;
+        if name == newname {
+            return Ok(());
+        }
+        if self.store.image_exists(newname)? {
+            if noreplace {
+                return Err(Error::ImageExists(newname.into()));
+            }
+            self.unlink(ROOT_INO, newname)?;
+        }
+        self.store.rename_image(name, newname)?;
+        self.nodes
+            .lock()
+            .unwrap()
+            .rename(&Node::Image(name.into()), Node::Image(newname.into()));
+        Ok(())
+    }
+
+    /// Usage of the disk holding the store.
+    pub fn statfs(&self) -> Result<FsStats> {
+        let dir = self
+            .store
+            .dir()
+            .map(|d| d.to_path_buf())
+            .unwrap_or_else(|| ".".into());
+        let st = rustix::fs::statvfs(&dir).map_err(|e| Error::io("statvfs of the store", e.into()))?;
+        Ok(FsStats {
+            frsize: st.f_frsize,
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: self.store.image_names()?.len() as u64,
+        })
+    }
+
+    /// Commit open images whose oldest pending change is older than the
+    /// commit interval. Called about once a second by the mount.
+    pub fn commit_due(&self) {
+        let open: Vec<Arc<OpenImage>> = self.open.lock().unwrap().values().cloned().collect();
+        for o in open {
+            let due = o
+                .dirty_since
+                .lock()
+                .unwrap()
+                .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval);
+            if due {
+                let _ = self.commit_open(&o);
+            }
+        }
+    }
+
+    /// Commit every open image now; they stay open.
+    pub fn commit_all(&self) -> Result<()> {
+        let open: Vec<Arc<OpenImage>> = self.open.lock().unwrap().values().cloned().collect();
+        let mut first_err = None;
+        for o in open {
+            if let Err(e) = self.commit_open(&o) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Commit everything and close all files (the unmount).
+    pub fn shutdown(&self) {
+        let open: Vec<Arc<OpenImage>> = self.open.lock().unwrap().drain().map(|(_, o)| o).collect();
+        for o in open {
+            let _ = self.commit_open(&o);
+        }
+        self.fhs.lock().unwrap().clear();
+    }
+}
+
+/// Copy `len` bytes from `src` (or, when `None`, from `dst` itself) by
+/// sharing whole blocks where both offsets have the same alignment.
+fn copy_blocks(
+    src: Option<&ImageHandle>,
+    dst: &mut ImageHandle,
+    off_in: u64,
+    off_out: u64,
+    len: u64,
+) -> Result<u64> {
+    let bs = dst.block_size();
+    let len = len.min(src.unwrap_or(dst).size().saturating_sub(off_in));
+    if len == 0 {
+        return Ok(0);
+    }
+    let same = src.is_none();
+    let overlap = same && off_in < off_out + len && off_out < off_in + len;
+    let copy_bytes = |dst: &mut ImageHandle, a: u64, b: u64, n: u64| -> Result<()> {
+        // Read all first: with one image the ranges may overlap.
+        let mut done = 0;
+        while done < n {
+            let k = if overlap { n } else { (n - done).min(1 << 20) };
+            let mut buf = vec![0u8; k as usize];
+            src.unwrap_or(dst).read(a + done, &mut buf)?;
+            dst.write(b + done, &buf)?;
+            done += k;
+        }
+        Ok(())
+    };
+    if off_in % bs != off_out % bs || overlap || len < bs {
+        copy_bytes(dst, off_in, off_out, len)?;
+        return Ok(len);
+    }
+    let head = ((bs - off_in % bs) % bs).min(len);
+    let whole = (len - head) / bs;
+    if head > 0 {
+        copy_bytes(dst, off_in, off_out, head)?;
+    }
+    if whole > 0 {
+        let first_src = (off_in + head) / bs;
+        let sources: Vec<BlockSource> = src.unwrap_or(dst).block_sources(first_src..first_src + whole)?;
+        dst.put_blocks((off_out + head) / bs, sources, off_out + head + whole * bs)?;
+    }
+    let done = head + whole * bs;
+    if done < len {
+        copy_bytes(dst, off_in + done, off_out + done, len - done)?;
+    }
+    Ok(len)
+}

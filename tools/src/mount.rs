@@ -1,0 +1,234 @@
+//! `geosync mount` / `geosync umount`: run the FUSE filesystem in the
+//! foreground (clean unmount on SIGINT/SIGTERM) or as a daemon.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use geosync_fs::vfs::{Vfs, VfsConfig};
+use geosync_fs::{OpenMode, Store};
+use tracing::{error, info, warn};
+
+/// Options of `geosync mount`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MountArgs {
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Run in the background; logs go to --log.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Log file of --daemon (default: STORE/mount.log).
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Dirty bytes per open image before a commit is forced.
+    #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
+    pub dirty_limit: u64,
+    /// Commit changes older than this many seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub commit_interval: f64,
+    /// Bytes of decompressed blocks cached for reads.
+    #[arg(long, default_value = "64M", value_parser = crate::units::parse_size)]
+    pub read_cache: u64,
+    /// Threads serving FUSE requests.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+}
+
+/// Whether `mnt` is a geosync FUSE mount (from /proc/self/mountinfo).
+pub fn is_mounted(mnt: &Path) -> bool {
+    let Ok(canon) = mnt.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-");
+        f.get(4).is_some_and(|p| Path::new(p) == canon)
+            && sep
+                .and_then(|s| f.get(s + 1))
+                .is_some_and(|t| t.starts_with("fuse"))
+    })
+}
+
+/// `geosync mount`.
+pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
+    if !args.mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", args.mountpoint.display());
+    }
+    if is_mounted(&args.mountpoint) {
+        bail!("{} is already mounted", args.mountpoint.display());
+    }
+    if args.daemon {
+        return spawn_daemon(store_dir, &args);
+    }
+    let store = Store::open(store_dir, OpenMode::ReadWrite)?;
+    store.set_read_cache(args.read_cache as usize);
+    let vfs = Arc::new(Vfs::new(
+        store,
+        VfsConfig {
+            dirty_limit: args.dirty_limit as usize,
+            commit_interval: Duration::from_secs_f64(args.commit_interval.max(0.1)),
+        },
+    ));
+    let (tx, rx) = mpsc::channel::<&'static str>();
+    {
+        let tx = tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+            .context("installing signal handlers")?;
+        std::thread::spawn(move || {
+            for _ in signals.forever() {
+                let _ = tx.send("signal");
+            }
+        });
+    }
+    let session = {
+        let (vfs, mnt, tx) = (vfs.clone(), args.mountpoint.clone(), tx.clone());
+        let cfg = geosync_fs::fuse::mount_config(args.threads);
+        std::thread::spawn(move || {
+            let r = fuser::mount(geosync_fs::fuse::Fuse::new(vfs), &mnt, &cfg);
+            if let Err(e) = &r {
+                error!(error = %e, "FUSE session ended with an error");
+            }
+            let _ = tx.send("unmounted");
+            r
+        })
+    };
+    {
+        let vfs = vfs.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            vfs.commit_due();
+        });
+    }
+    // Wait for the mount to appear, then serve until unmounted or signalled.
+    let start = Instant::now();
+    while !is_mounted(&args.mountpoint) {
+        if session.is_finished() {
+            let r = session.join().unwrap();
+            bail!(
+                "mount failed: {}",
+                r.err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "unmounted".into())
+            );
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("mount did not appear within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    info!(mountpoint = %args.mountpoint.display(), "mounted");
+    eprintln!(
+        "geosync: mounted {} on {}",
+        store_dir.display(),
+        args.mountpoint.display()
+    );
+    loop {
+        match rx.recv() {
+            Ok("signal") => {
+                info!("signal received: committing and unmounting");
+                if let Err(e) = vfs.commit_all() {
+                    error!(error = %e, "commit before unmount failed");
+                }
+                match unmount(&args.mountpoint) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        warn!(error = %e, "cannot unmount yet; still serving");
+                        eprintln!("geosync: {e:#}; still serving (signal again after detaching)");
+                    }
+                }
+            }
+            _ => break,
+        }
+    }
+    vfs.shutdown();
+    let _ = session.join();
+    eprintln!("geosync: unmounted {}", args.mountpoint.display());
+    Ok(())
+}
+
+fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let log_path = args.log.clone().unwrap_or_else(|| store_dir.join("mount.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--store")
+        .arg(store_dir)
+        .arg("mount")
+        .arg(&args.mountpoint)
+        .args(["--dirty-limit", &args.dirty_limit.to_string()])
+        .args(["--commit-interval", &args.commit_interval.to_string()])
+        .args(["--read-cache", &args.read_cache.to_string()])
+        .args(["--threads", &args.threads.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the mount daemon")?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if is_mounted(&args.mountpoint) {
+            println!(
+                "mounted on {} (daemon pid {}, log {})",
+                args.mountpoint.display(),
+                child.id(),
+                log_path.display()
+            );
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            bail!(
+                "the mount daemon exited ({st}): {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    bail!(
+        "the mount did not appear within 15 s (see {})",
+        log_path.display()
+    )
+}
+
+/// Unmount a geosync mount.
+pub fn unmount(mnt: &Path) -> Result<()> {
+    if !is_mounted(mnt) {
+        bail!("{} is not mounted", mnt.display());
+    }
+    let r = rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::empty());
+    match r {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::BUSY) => bail!(
+            "{} is busy: unmount the filesystems and detach the loop devices (losetup -d) using its images first",
+            mnt.display()
+        ),
+        Err(rustix::io::Errno::PERM) => {
+            let st = Command::new("fusermount3").arg("-u").arg(mnt).status();
+            match st {
+                Ok(s) if s.success() => Ok(()),
+                _ => bail!("cannot unmount {}: permission denied (try as root)", mnt.display()),
+            }
+        }
+        Err(e) => bail!("cannot unmount {}: {e}", mnt.display()),
+    }
+}
+
+/// `geosync umount`: unmount and wait for the daemon to finish committing.
+pub fn umount_cmd(mnt: &Path) -> Result<()> {
+    unmount(mnt)?;
+    println!("unmounted {}", mnt.display());
+    Ok(())
+}
