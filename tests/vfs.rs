@@ -1,0 +1,194 @@
+//! The mount's filesystem logic (`fs::vfs`) without FUSE: namespace, data
+//! ops, snapshots, quotas, leases — the same calls the FUSE adapter makes.
+
+use geosync_fs::vfs::{Kind, Vfs, VfsConfig, ROOT_INO, SNAP_ROOT_INO};
+use geosync_fs::{Error, InitOptions, OpenMode, Store};
+
+const BS: u64 = 4096;
+
+fn vfs() -> (tempfile::TempDir, Vfs) {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::init(
+        d.path(),
+        &InitOptions {
+            block_size: BS as u32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (d, Vfs::new(s, VfsConfig::default()))
+}
+
+fn noise(seed: u8, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut v);
+    v
+}
+
+#[test]
+fn namespace_create_lookup_rename_unlink() {
+    let (_d, v) = vfs();
+    let names: Vec<String> = v.readdir(ROOT_INO).unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, vec![".snapshots"]);
+    let (a, fh) = v.create(ROOT_INO, "vm1").unwrap();
+    assert_eq!(a.kind, Kind::File);
+    assert_eq!(a.size, 0);
+    v.set_size(a.ino, 16 << 30).unwrap();
+    v.release(fh).unwrap();
+    let a2 = v.lookup(ROOT_INO, "vm1").unwrap();
+    assert_eq!((a2.ino, a2.size, a2.allocated), (a.ino, 16 << 30, 0));
+    for bad in ["..", "a b", "x\u{7}", &"n".repeat(129), ".hidden"] {
+        let e = v.create(ROOT_INO, bad).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL, "{bad:?}: {e}");
+        assert_eq!(v.lookup(ROOT_INO, bad).unwrap_err().errno(), libc::EINVAL);
+    }
+    assert_eq!(v.lookup(ROOT_INO, "nope").unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(v.create(ROOT_INO, "vm1").unwrap_err().errno(), libc::EEXIST);
+    assert_eq!(v.create(SNAP_ROOT_INO, "x").unwrap_err().errno(), libc::EROFS);
+
+    v.rename(ROOT_INO, "vm1", ROOT_INO, "vm2", false).unwrap();
+    assert_eq!(v.lookup(ROOT_INO, "vm2").unwrap().ino, a.ino, "rename keeps the inode");
+    assert_eq!(v.lookup(ROOT_INO, "vm1").unwrap_err().errno(), libc::ENOENT);
+    v.create(ROOT_INO, "vm3").map(|(_, fh)| v.release(fh)).unwrap().unwrap();
+    assert_eq!(v.rename(ROOT_INO, "vm2", ROOT_INO, "vm3", true).unwrap_err().errno(), libc::EEXIST);
+    v.rename(ROOT_INO, "vm2", ROOT_INO, "vm3", false).unwrap(); // replaces
+    assert_eq!(v.lookup(ROOT_INO, "vm3").unwrap().size, 16 << 30);
+    // An open image cannot be removed underneath its users.
+    let ino = v.lookup(ROOT_INO, "vm3").unwrap().ino;
+    let fh = v.open(ino, false).unwrap();
+    assert_eq!(v.unlink(ROOT_INO, "vm3").unwrap_err().errno(), libc::EBUSY);
+    v.release(fh).unwrap();
+    v.unlink(ROOT_INO, "vm3").unwrap();
+    assert_eq!(v.readdir(ROOT_INO).unwrap().len(), 1);
+}
+
+#[test]
+fn data_ops_holes_and_durability() {
+    let (d, v) = vfs();
+    let (a, fh) = v.create(ROOT_INO, "img").unwrap();
+    v.set_size(a.ino, 64 * BS).unwrap();
+    let data = noise(1, 3 * BS as usize);
+    assert_eq!(v.write(fh, 10 * BS + 100, &data).unwrap() as usize, data.len());
+    assert_eq!(v.read(fh, 10 * BS + 100, data.len() as u32).unwrap(), data);
+    assert_eq!(v.getattr(a.ino).unwrap().allocated, 4 * BS);
+    assert_eq!(v.seek(fh, 0, true).unwrap(), Some(10 * BS));
+    assert_eq!(v.seek(fh, 10 * BS, false).unwrap(), Some(14 * BS));
+    assert_eq!(v.seek(fh, 20 * BS, true).unwrap(), None);
+    // Punch a hole (KEEP_SIZE), zero a range past the end (extends).
+    v.fallocate(fh, 11 * BS, 2 * BS, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(v.getattr(a.ino).unwrap().allocated, 2 * BS);
+    v.fallocate(fh, 63 * BS, 4 * BS, libc::FALLOC_FL_ZERO_RANGE).unwrap();
+    assert_eq!(v.getattr(a.ino).unwrap().size, 67 * BS);
+    v.fallocate(fh, 0, 100 * BS, 0).unwrap(); // plain allocation: size only (thin)
+    assert_eq!(v.getattr(a.ino).unwrap().size, 100 * BS);
+    assert_eq!(
+        v.fallocate(fh, 0, BS, libc::FALLOC_FL_COLLAPSE_RANGE).unwrap_err().errno(),
+        libc::EOPNOTSUPP
+    );
+    v.fsync(fh).unwrap();
+    let want = v.read(fh, 0, (100 * BS) as u32).unwrap();
+    v.release(fh).unwrap();
+    drop(v);
+    // Durable: a new store open sees exactly what was fsync'd.
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    let v = Vfs::new(s, VfsConfig::default());
+    let ino = v.lookup(ROOT_INO, "img").unwrap().ino;
+    let fh = v.open(ino, false).unwrap();
+    assert_eq!(v.read(fh, 0, (100 * BS) as u32).unwrap(), want);
+}
+
+#[test]
+fn copy_file_range_shares_blocks() {
+    let (_d, v) = vfs();
+    let (a, fa) = v.create(ROOT_INO, "a").unwrap();
+    let data = noise(2, 64 * BS as usize);
+    v.write(fa, 0, &data).unwrap();
+    v.fsync(fa).unwrap();
+    let stored = v.store().stats().unwrap().stored;
+    let (b, fb) = v.create(ROOT_INO, "b").unwrap();
+    assert_eq!(v.copy_range(fa, 0, fb, 0, 64 * BS).unwrap(), 64 * BS);
+    // Unaligned copy: copied, not shared.
+    assert_eq!(v.copy_range(fa, 100, fb, 64 * BS + 100, 1000).unwrap(), 1000);
+    v.fsync(fb).unwrap();
+    let after = v.store().stats().unwrap();
+    assert!(after.stored - stored < 2 * BS, "the aligned copy must share blocks: {} new bytes", after.stored - stored);
+    assert_eq!(v.read(fb, 0, (64 * BS) as u32).unwrap(), data);
+    assert_eq!(v.read(fb, 64 * BS + 100, 1000).unwrap(), data[100..1100]);
+    // Within one image, overlapping.
+    v.copy_range(fa, 0, fa, 2 * BS + 7, 8 * BS).unwrap();
+    let mut want = data.clone();
+    want.copy_within(0..(8 * BS) as usize, (2 * BS + 7) as usize);
+    assert_eq!(v.read(fa, 0, (64 * BS) as u32).unwrap(), want);
+    // Copy past the source end stops at the end.
+    assert_eq!(v.copy_range(fa, 63 * BS, fb, 0, 10 * BS).unwrap(), BS);
+    let _ = (a, b);
+}
+
+#[test]
+fn snapshots_are_read_only_files_and_unlink_deletes_them() {
+    let (_d, v) = vfs();
+    let (a, fh) = v.create(ROOT_INO, "img").unwrap();
+    v.write(fh, 0, &noise(3, 4 * BS as usize)).unwrap();
+    v.fsync(fh).unwrap();
+    v.store().create_snapshot("img", "before").unwrap();
+    v.write(fh, 0, &noise(4, BS as usize)).unwrap();
+    v.fsync(fh).unwrap();
+    let dirs: Vec<String> = v.readdir(SNAP_ROOT_INO).unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(dirs, vec!["img"]);
+    let dir = v.lookup(SNAP_ROOT_INO, "img").unwrap();
+    assert_eq!(dir.kind, Kind::Dir);
+    let snap = v.lookup(dir.ino, "before").unwrap();
+    assert_eq!(snap.perm, 0o444);
+    assert_eq!(v.open(snap.ino, true).map(|_| ()).unwrap_err().errno(), libc::EROFS);
+    let sfh = v.open(snap.ino, false).unwrap();
+    assert_eq!(v.read(sfh, 0, (4 * BS) as u32).unwrap(), noise(3, 4 * BS as usize));
+    assert_eq!(v.write(sfh, 0, b"x").unwrap_err().errno(), libc::EROFS);
+    v.release(sfh).unwrap();
+    v.unlink(dir.ino, "before").unwrap();
+    assert!(v.store().list_snapshots("img").unwrap().is_empty());
+    assert_eq!(v.lookup(dir.ino, "before").unwrap_err().errno(), libc::ENOENT);
+    let _ = a;
+}
+
+#[test]
+fn quota_gives_edquot_and_keeps_the_image() {
+    let (_d, v) = vfs();
+    let (_a, fh) = v.create(ROOT_INO, "q").unwrap();
+    v.store().set_quota("q", Some(8 * BS)).unwrap();
+    v.release(fh).unwrap(); // reopen so the handle sees the quota
+    let ino = v.lookup(ROOT_INO, "q").unwrap().ino;
+    let fh = v.open(ino, true).unwrap();
+    v.write(fh, 0, &noise(5, 8 * BS as usize)).unwrap();
+    let e = v.write(fh, 8 * BS, &noise(6, BS as usize)).unwrap_err();
+    assert_eq!(e.errno(), libc::EDQUOT, "{e}");
+    v.fsync(fh).unwrap();
+    assert_eq!(v.read(fh, 0, (8 * BS) as u32).unwrap(), noise(5, 8 * BS as usize));
+    assert_eq!(v.store().image_info("q").unwrap().referenced, 8 * BS);
+}
+
+#[test]
+fn an_image_open_for_writing_is_never_replaced_underneath() {
+    let (d, v) = vfs();
+    let (a, fh) = v.create(ROOT_INO, "img").unwrap();
+    v.write(fh, 0, &noise(7, BS as usize)).unwrap();
+    v.fsync(fh).unwrap();
+    v.store().create_snapshot("img", "s").unwrap();
+    // Another process (another store open) cannot roll it back, remove it or write it.
+    let other = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    let e = other.rollback("img", "s").unwrap_err();
+    assert!(matches!(e, Error::ImageBusy { .. }), "{e}");
+    assert!(matches!(other.remove_image("img"), Err(Error::ImageBusy { .. })));
+    let mut h = other.open_image("img").unwrap();
+    assert!(matches!(h.write(0, b"x"), Err(Error::ImageBusy { .. })));
+    drop(h);
+    v.write(fh, 0, &noise(8, BS as usize)).unwrap();
+    v.release(fh).unwrap();
+    // Closed: now a rollback works, and the next open sees it.
+    other.rollback("img", "s").unwrap();
+    let fh = v.open(a.ino, false).unwrap();
+    assert_eq!(v.read(fh, 0, BS as u32).unwrap(), noise(7, BS as usize));
+    v.release(fh).unwrap();
+    let st = v.statfs().unwrap();
+    assert!(st.blocks > 0 && st.bfree <= st.blocks && st.files == 1);
+}
