@@ -47,10 +47,22 @@ fn namespace_create_lookup_rename_unlink() {
     assert_eq!(v.create(SNAP_ROOT_INO, "x").unwrap_err().errno(), libc::EROFS);
 
     v.rename(ROOT_INO, "vm1", ROOT_INO, "vm2", false).unwrap();
-    assert_eq!(v.lookup(ROOT_INO, "vm2").unwrap().ino, a.ino, "rename keeps the inode");
+    assert_eq!(
+        v.lookup(ROOT_INO, "vm2").unwrap().ino,
+        a.ino,
+        "rename keeps the inode"
+    );
     assert_eq!(v.lookup(ROOT_INO, "vm1").unwrap_err().errno(), libc::ENOENT);
-    v.create(ROOT_INO, "vm3").map(|(_, fh)| v.release(fh)).unwrap().unwrap();
-    assert_eq!(v.rename(ROOT_INO, "vm2", ROOT_INO, "vm3", true).unwrap_err().errno(), libc::EEXIST);
+    v.create(ROOT_INO, "vm3")
+        .map(|(_, fh)| v.release(fh))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        v.rename(ROOT_INO, "vm2", ROOT_INO, "vm3", true)
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
     v.rename(ROOT_INO, "vm2", ROOT_INO, "vm3", false).unwrap(); // replaces
     assert_eq!(v.lookup(ROOT_INO, "vm3").unwrap().size, 16 << 30);
     // An open image cannot be removed underneath its users.
@@ -75,15 +87,23 @@ fn data_ops_holes_and_durability() {
     assert_eq!(v.seek(fh, 10 * BS, false).unwrap(), Some(14 * BS));
     assert_eq!(v.seek(fh, 20 * BS, true).unwrap(), None);
     // Punch a hole (KEEP_SIZE), zero a range past the end (extends).
-    v.fallocate(fh, 11 * BS, 2 * BS, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-        .unwrap();
+    v.fallocate(
+        fh,
+        11 * BS,
+        2 * BS,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
     assert_eq!(v.getattr(a.ino).unwrap().allocated, 2 * BS);
-    v.fallocate(fh, 63 * BS, 4 * BS, libc::FALLOC_FL_ZERO_RANGE).unwrap();
+    v.fallocate(fh, 63 * BS, 4 * BS, libc::FALLOC_FL_ZERO_RANGE)
+        .unwrap();
     assert_eq!(v.getattr(a.ino).unwrap().size, 67 * BS);
     v.fallocate(fh, 0, 100 * BS, 0).unwrap(); // plain allocation: size only (thin)
     assert_eq!(v.getattr(a.ino).unwrap().size, 100 * BS);
     assert_eq!(
-        v.fallocate(fh, 0, BS, libc::FALLOC_FL_COLLAPSE_RANGE).unwrap_err().errno(),
+        v.fallocate(fh, 0, BS, libc::FALLOC_FL_COLLAPSE_RANGE)
+            .unwrap_err()
+            .errno(),
         libc::EOPNOTSUPP
     );
     v.fsync(fh).unwrap();
@@ -112,7 +132,11 @@ fn copy_file_range_shares_blocks() {
     assert_eq!(v.copy_range(fa, 100, fb, 64 * BS + 100, 1000).unwrap(), 1000);
     v.fsync(fb).unwrap();
     let after = v.store().stats().unwrap();
-    assert!(after.stored - stored < 2 * BS, "the aligned copy must share blocks: {} new bytes", after.stored - stored);
+    assert!(
+        after.stored - stored < 2 * BS,
+        "the aligned copy must share blocks: {} new bytes",
+        after.stored - stored
+    );
     assert_eq!(v.read(fb, 0, (64 * BS) as u32).unwrap(), data);
     assert_eq!(v.read(fb, 64 * BS + 100, 1000).unwrap(), data[100..1100]);
     // Within one image, overlapping.
@@ -134,15 +158,26 @@ fn snapshots_are_read_only_files_and_unlink_deletes_them() {
     v.store().create_snapshot("img", "before").unwrap();
     v.write(fh, 0, &noise(4, BS as usize)).unwrap();
     v.fsync(fh).unwrap();
-    let dirs: Vec<String> = v.readdir(SNAP_ROOT_INO).unwrap().into_iter().map(|e| e.name).collect();
+    let dirs: Vec<String> = v
+        .readdir(SNAP_ROOT_INO)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert_eq!(dirs, vec!["img"]);
     let dir = v.lookup(SNAP_ROOT_INO, "img").unwrap();
     assert_eq!(dir.kind, Kind::Dir);
     let snap = v.lookup(dir.ino, "before").unwrap();
     assert_eq!(snap.perm, 0o444);
-    assert_eq!(v.open(snap.ino, true).map(|_| ()).unwrap_err().errno(), libc::EROFS);
+    assert_eq!(
+        v.open(snap.ino, true).map(|_| ()).unwrap_err().errno(),
+        libc::EROFS
+    );
     let sfh = v.open(snap.ino, false).unwrap();
-    assert_eq!(v.read(sfh, 0, (4 * BS) as u32).unwrap(), noise(3, 4 * BS as usize));
+    assert_eq!(
+        v.read(sfh, 0, (4 * BS) as u32).unwrap(),
+        noise(3, 4 * BS as usize)
+    );
     assert_eq!(v.write(sfh, 0, b"x").unwrap_err().errno(), libc::EROFS);
     v.release(sfh).unwrap();
     v.unlink(dir.ino, "before").unwrap();

@@ -228,8 +228,9 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
+    // fuser logs unimplemented optional ops (xattrs, ioctls) as warnings: keep them at debug.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},fuser=error")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
