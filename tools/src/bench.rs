@@ -34,6 +34,25 @@ pub enum BenchCmd {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
+    /// fio on ext4 loop-mounted through geosync vs on a plain sparse file (needs root, fio).
+    Fuse(FuseBenchArgs),
+}
+
+/// `geosync bench fuse` options.
+#[derive(clap::Args, Debug)]
+pub struct FuseBenchArgs {
+    /// Logical size of the image (and of the plain-file baseline).
+    #[arg(long, default_value = "16G", value_parser = parse_size)]
+    pub size: u64,
+    /// Bytes each sequential job moves.
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub seq: u64,
+    /// Seconds each random job runs.
+    #[arg(long, default_value_t = 15)]
+    pub runtime: u64,
+    /// Scratch directory (default: a temporary directory under /var/tmp).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
 }
 
 /// Run a bench subcommand.
@@ -59,6 +78,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             r.print();
             Ok(())
         }
+        BenchCmd::Fuse(args) => crate::fuse_bench::run(args),
     }
 }
 

@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod cli;
+pub mod fuse_bench;
 pub mod mount;
 pub mod units;
