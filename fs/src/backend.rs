@@ -33,6 +33,10 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
     fn create(&self, id: PackId) -> io::Result<()>;
     /// Append bytes at the end of the pack.
     fn append(&self, id: PackId, data: &[u8]) -> io::Result<()>;
+    /// Append several buffers, in order (one vectored write where possible).
+    fn append_all(&self, id: PackId, parts: &[&[u8]]) -> io::Result<()> {
+        self.append(id, &parts.concat())
+    }
     /// Make everything appended so far durable.
     fn sync(&self, id: PackId) -> io::Result<()>;
     /// Current length in bytes.
@@ -122,6 +126,21 @@ impl PackStorage for DiskPacks {
 
     fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
         (&*self.file(id)?).write_all(data)
+    }
+
+    fn append_all(&self, id: PackId, parts: &[&[u8]]) -> io::Result<()> {
+        let f = self.file(id)?;
+        let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            // At most IOV_MAX (1024) buffers per call.
+            let n = (&*f).write_vectored(&rest[..rest.len().min(1024)])?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "pack append wrote nothing"));
+            }
+            io::IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
     }
 
     fn sync(&self, id: PackId) -> io::Result<()> {

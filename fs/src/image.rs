@@ -28,6 +28,9 @@ use crate::pack::{self, is_zero};
 use crate::store::{BlockLoc, CommitRequest, ImageRow, StageGuard, WriterLease};
 use crate::{BlockHash, Error, Result, Stamp, Store};
 
+/// Blocks hashed, compressed and appended together when sealing.
+const SEAL_CHUNK: usize = 256;
+
 /// Default bound of a handle's dirty set.
 pub const DEFAULT_DIRTY_LIMIT: usize = 256 << 20;
 
@@ -661,8 +664,21 @@ impl ImageHandle {
         if self.guard.is_none() {
             self.guard = Some(self.store.stage_enter());
         }
-        let dirty = std::mem::take(&mut self.dirty);
-        self.dirty_bytes = 0;
+        // In chunks, so sealing needs little memory beyond the dirty set itself.
+        while !self.dirty.is_empty() {
+            let keys: Vec<u64> = self.dirty.keys().take(SEAL_CHUNK).copied().collect();
+            let chunk: BTreeMap<u64, Dirty> = keys
+                .into_iter()
+                .map(|k| (k, self.dirty.remove(&k).unwrap()))
+                .collect();
+            let bytes = chunk.values().filter(|d| matches!(d, Dirty::Data(_))).count() * self.bs as usize;
+            self.dirty_bytes -= bytes;
+            self.seal_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn seal_chunk(&mut self, dirty: BTreeMap<u64, Dirty>) -> Result<()> {
         let hashed: Vec<(u64, Option<BlockHash>, Option<Box<[u8]>>)> = dirty
             .into_par_iter()
             .map(|(block, d)| match d {

@@ -27,7 +27,7 @@ use crate::pack::{self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LE
 use crate::{validate_name, BlockHash, Error, ImageHandle, NodeId, Result, Stamp};
 
 /// Default bytes of decompressed blocks kept for re-reading.
-pub const DEFAULT_READ_CACHE: usize = 64 << 20;
+pub const DEFAULT_READ_CACHE: usize = 128 << 20;
 
 fn cache_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::new((bytes / block_size.max(1) as usize).max(1)).unwrap()
@@ -510,9 +510,9 @@ impl Store {
                     (id, PACK_HEADER_LEN)
                 }
             };
-            let mut buf = Vec::new();
+            let mut parts: Vec<&[u8]> = Vec::new();
             let mut off = start;
-            while i < sealed.len() && (off < PACK_TARGET_SIZE || buf.is_empty()) {
+            while i < sealed.len() && (off < PACK_TARGET_SIZE || parts.is_empty()) {
                 let s = &sealed[i];
                 locs.push(BlockLoc {
                     pack: id,
@@ -521,11 +521,11 @@ impl Store {
                     raw_len: s.raw_len,
                     codec: s.codec,
                 });
-                buf.extend_from_slice(&s.record);
+                parts.push(&s.record);
                 off += s.record.len() as u64;
                 i += 1;
             }
-            if let Err(e) = self.inner.packs.append(id, &buf) {
+            if let Err(e) = self.inner.packs.append_all(id, &parts) {
                 w.active = None;
                 w.poisoned.insert(id);
                 self.inner.packs.release(id);

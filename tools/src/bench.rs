@@ -50,6 +50,9 @@ pub struct FuseBenchArgs {
     /// Seconds each random job runs.
     #[arg(long, default_value_t = 15)]
     pub runtime: u64,
+    /// Block size of the geosync store.
+    #[arg(long, default_value = "64K")]
+    pub block_size: String,
     /// Scratch directory (default: a temporary directory under /var/tmp).
     #[arg(long)]
     pub workdir: Option<PathBuf>,

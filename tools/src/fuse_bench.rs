@@ -147,7 +147,7 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
     eprintln!("geosync image, {} (ext4 on loop --direct-io=on over the FUSE mount):", format_size(args.size));
     let store = work.join("store");
     let exe = std::env::current_exe()?;
-    sh(Command::new(&exe).arg("--store").arg(&store).arg("init"))?;
+    sh(Command::new(&exe).arg("--store").arg(&store).args(["init", "--block-size", &args.block_size]))?;
     let mnt = work.join("mnt");
     fs::create_dir_all(&mnt)?;
     let mut daemon: Child = Command::new(&exe)
@@ -177,7 +177,11 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
     let _ = daemon.wait();
     let geo = result?;
 
-    println!("\nfio on ext4, geosync mount vs plain sparse file ({} image)", format_size(args.size));
+    println!(
+        "\nfio on ext4, geosync mount ({} blocks) vs plain sparse file ({} image)",
+        args.block_size,
+        format_size(args.size)
+    );
     println!("{:<26} {:>12} {:>12} {:>8}", "job", "plain", "geosync", "ratio");
     let mut csv = String::from("job,plain,geosync,ratio\n");
     for ((j, p), g) in jobs.iter().zip(&plain).zip(&geo) {

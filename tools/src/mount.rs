@@ -30,7 +30,7 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 5.0)]
     pub commit_interval: f64,
     /// Bytes of decompressed blocks cached for reads.
-    #[arg(long, default_value = "64M", value_parser = crate::units::parse_size)]
+    #[arg(long, default_value = "128M", value_parser = crate::units::parse_size)]
     pub read_cache: u64,
     /// Threads serving FUSE requests.
     #[arg(long, default_value_t = 4)]
