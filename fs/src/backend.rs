@@ -136,7 +136,10 @@ impl PackStorage for DiskPacks {
             // At most IOV_MAX (1024) buffers per call.
             let n = (&*f).write_vectored(&rest[..rest.len().min(1024)])?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "pack append wrote nothing"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pack append wrote nothing",
+                ));
             }
             io::IoSlice::advance_slices(&mut rest, n);
         }

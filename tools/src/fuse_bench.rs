@@ -35,19 +35,44 @@ fn jobs(a: &FuseBenchArgs) -> Vec<Job> {
         args: common.iter().chain(extra.iter()).map(|s| s.to_string()).collect(),
     };
     vec![
-        mk("seq write 1M", false, false, &["--rw=write", "--bs=1M", "--iodepth=8", &seq, "--end_fsync=1"]),
-        mk("seq read 1M", true, false, &["--rw=read", "--bs=1M", "--iodepth=8", &seq]),
+        mk(
+            "seq write 1M",
+            false,
+            false,
+            &["--rw=write", "--bs=1M", "--iodepth=8", &seq, "--end_fsync=1"],
+        ),
+        mk(
+            "seq read 1M",
+            true,
+            false,
+            &["--rw=read", "--bs=1M", "--iodepth=8", &seq],
+        ),
         mk(
             "rand write 4K (fsync/32)",
             false,
             true,
-            &["--rw=randwrite", "--bs=4k", "--iodepth=1", "--size=1G", "--fsync=32", "--time_based", &rt],
+            &[
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=1",
+                "--size=1G",
+                "--fsync=32",
+                "--time_based",
+                &rt,
+            ],
         ),
         mk(
             "rand read 4K",
             true,
             true,
-            &["--rw=randread", "--bs=4k", "--iodepth=16", "--size=1G", "--time_based", &rt],
+            &[
+                "--rw=randread",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=1G",
+                "--time_based",
+                &rt,
+            ],
         ),
     ]
 }
@@ -73,11 +98,15 @@ struct Ext4OnLoop {
 
 impl Ext4OnLoop {
     fn new(file: &Path, at: &Path) -> Result<Self> {
-        let dev = sh(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file))?
-            .trim()
-            .to_string();
+        let dev = sh(Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(file))?
+        .trim()
+        .to_string();
         let me = Ext4OnLoop { dev, at: at.into() };
-        sh(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&me.dev))?;
+        sh(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "nodiscard"])
+            .arg(&me.dev))?;
         fs::create_dir_all(at)?;
         sh(Command::new("mount").arg(&me.dev).arg(at))?;
         Ok(me)
@@ -107,7 +136,12 @@ fn run_jobs(dir: &Path, jobs: &[Job]) -> Result<Vec<f64>> {
         } else {
             side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6
         };
-        eprintln!("  {:<26} {:>10.1} {}", j.name, figure, if j.iops { "IOPS" } else { "MB/s" });
+        eprintln!(
+            "  {:<26} {:>10.1} {}",
+            j.name,
+            figure,
+            if j.iops { "IOPS" } else { "MB/s" }
+        );
         out.push(figure);
     }
     Ok(out)
@@ -130,12 +164,17 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
     let work = match &args.workdir {
         Some(w) => w.clone(),
         None => {
-            tmp = tempfile::Builder::new().prefix("geosync-fuse-bench").tempdir_in("/var/tmp")?;
+            tmp = tempfile::Builder::new()
+                .prefix("geosync-fuse-bench")
+                .tempdir_in("/var/tmp")?;
             tmp.path().to_path_buf()
         }
     };
     let jobs = jobs(&args);
-    eprintln!("plain sparse file, {} (ext4 on loop --direct-io=on):", format_size(args.size));
+    eprintln!(
+        "plain sparse file, {} (ext4 on loop --direct-io=on):",
+        format_size(args.size)
+    );
     let plain_file = work.join("plain.img");
     fs::File::create(&plain_file)?.set_len(args.size)?;
     let plain = {
@@ -144,10 +183,16 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
     };
     fs::remove_file(&plain_file)?;
 
-    eprintln!("geosync image, {} (ext4 on loop --direct-io=on over the FUSE mount):", format_size(args.size));
+    eprintln!(
+        "geosync image, {} (ext4 on loop --direct-io=on over the FUSE mount):",
+        format_size(args.size)
+    );
     let store = work.join("store");
     let exe = std::env::current_exe()?;
-    sh(Command::new(&exe).arg("--store").arg(&store).args(["init", "--block-size", &args.block_size]))?;
+    sh(Command::new(&exe)
+        .arg("--store")
+        .arg(&store)
+        .args(["init", "--block-size", &args.block_size]))?;
     let mnt = work.join("mnt");
     fs::create_dir_all(&mnt)?;
     let mut daemon: Child = Command::new(&exe)
@@ -173,7 +218,10 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
         run_jobs(&fs.at, &jobs)
     })();
     let rss = peak_rss_kib(daemon.id());
-    let _ = Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status();
     let _ = daemon.wait();
     let geo = result?;
 
