@@ -3,4 +3,5 @@
 //! and, through a real mount, the FUSE layer — is checked against.
 #![deny(missing_docs)]
 
+pub mod kit;
 pub mod model;

@@ -7,29 +7,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use geosync_fs::store::BlockLoc;
-use geosync_fs::{Error, InitOptions, OpenMode, Store};
+use geosync_fs::{Error, OpenMode, Store};
+use geosync_suite::kit::noise;
 
 const BS: u64 = 4096;
 
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    let mut h = blake3::Hasher::new();
-    h.update(&seed.to_le_bytes());
-    h.finalize_xof().fill(&mut v);
-    v
-}
-
 /// A store with image `a` (8 blocks of noise) and image `b` (4 blocks).
 fn fixture() -> (tempfile::TempDir, Store, Vec<u8>, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::init(
-        dir.path(),
-        &InitOptions {
-            block_size: BS as u32,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (dir, s) = geosync_suite::kit::disk_store(BS as u32);
     let a = noise(1, 8 * BS as usize);
     let b = noise(2, 4 * BS as usize);
     for (name, data) in [("a", &a), ("b", &b)] {

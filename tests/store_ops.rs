@@ -6,29 +6,13 @@ use std::time::Duration;
 
 use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
 use geosync_fs::{Error, InitOptions, OpenMode, Store};
-
-const BS: u64 = 4096;
+use geosync_suite::kit::noise;
 
 fn new_store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::init(
-        dir.path(),
-        &InitOptions {
-            block_size: BS as u32,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    (dir, s)
+    geosync_suite::kit::disk_store(BS as u32)
 }
 
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    let mut h = blake3::Hasher::new();
-    h.update(&seed.to_le_bytes());
-    h.finalize_xof().fill(&mut v);
-    v
-}
+const BS: u64 = 4096;
 
 fn read_all(s: &Store, name: &str) -> Vec<u8> {
     let h = s.open_image(name).unwrap();

@@ -2,27 +2,14 @@
 //! ops, snapshots, quotas, leases — the same calls the FUSE adapter makes.
 
 use geosync_fs::vfs::{Kind, Vfs, VfsConfig, ROOT_INO, SNAP_ROOT_INO};
-use geosync_fs::{Error, InitOptions, OpenMode, Store};
+use geosync_fs::{Error, OpenMode, Store};
+use geosync_suite::kit::noise;
 
 const BS: u64 = 4096;
 
 fn vfs() -> (tempfile::TempDir, Vfs) {
-    let d = tempfile::tempdir().unwrap();
-    let s = Store::init(
-        d.path(),
-        &InitOptions {
-            block_size: BS as u32,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (d, s) = geosync_suite::kit::disk_store(BS as u32);
     (d, Vfs::new(s, VfsConfig::default()))
-}
-
-fn noise(seed: u8, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut v);
-    v
 }
 
 #[test]

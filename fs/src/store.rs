@@ -688,24 +688,7 @@ impl Store {
         self.check_writable()?;
         let mut db = self.db();
         let tx = db.transaction()?;
-        if image_row(&tx, name).is_ok() {
-            return Err(Error::ImageExists(name.into()));
-        }
-        let stamp = meta::next_stamp(&tx, self.inner.config.node_id)?;
-        let seq = meta::next_seq(&tx)?;
-        tx.execute(
-            "INSERT INTO images(name, size, version, stamp_ms, stamp_ctr, origin, seq, created_ms)
-             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                name,
-                size as i64,
-                stamp.hlc.wall_ms as i64,
-                stamp.hlc.counter as i64,
-                &stamp.origin.0[..],
-                seq,
-                meta::now_ms() as i64
-            ],
-        )?;
+        insert_image(&tx, name, size, self.inner.config.node_id)?;
         tx.commit()?;
         info!(image = name, size, "created image");
         Ok(())
@@ -896,25 +879,7 @@ impl Store {
             }
             None => (row.version, row.size),
         };
-        if image_row(&tx, new).is_ok() {
-            return Err(Error::ImageExists(new.into()));
-        }
-        let stamp = meta::next_stamp(&tx, self.inner.config.node_id)?;
-        let seq = meta::next_seq(&tx)?;
-        tx.execute(
-            "INSERT INTO images(name, size, version, stamp_ms, stamp_ctr, origin, seq, created_ms)
-             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                new,
-                size as i64,
-                stamp.hlc.wall_ms as i64,
-                stamp.hlc.counter as i64,
-                &stamp.origin.0[..],
-                seq,
-                meta::now_ms() as i64
-            ],
-        )?;
-        let new_id = tx.last_insert_rowid();
+        let new_id = insert_image(&tx, new, size, self.inner.config.node_id)?;
         let rows = tx.execute(
             "INSERT INTO map(image, block, born, died, hash)
              SELECT ?1, block, 1, NULL, hash FROM map
@@ -1409,6 +1374,29 @@ fn snapshot_row(conn: &Connection, image: &ImageRow, snap: &str) -> Result<Snaps
             image: image.name.clone(),
             snapshot: snap.into(),
         })
+}
+
+/// Insert a new image at version 1 (fails if the name is taken); returns its id.
+fn insert_image(tx: &Transaction<'_>, name: &str, size: u64, node: NodeId) -> Result<i64> {
+    if image_row(tx, name).is_ok() {
+        return Err(Error::ImageExists(name.into()));
+    }
+    let stamp = meta::next_stamp(tx, node)?;
+    let seq = meta::next_seq(tx)?;
+    tx.execute(
+        "INSERT INTO images(name, size, version, stamp_ms, stamp_ctr, origin, seq, created_ms)
+         VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            name,
+            size as i64,
+            stamp.hlc.wall_ms as i64,
+            stamp.hlc.counter as i64,
+            &stamp.origin.0[..],
+            seq,
+            meta::now_ms() as i64
+        ],
+    )?;
+    Ok(tx.last_insert_rowid())
 }
 
 fn bump_version(tx: &Transaction<'_>, row: &ImageRow, v: u64, size: u64, node: NodeId) -> Result<Stamp> {
