@@ -3,8 +3,10 @@
 //! The store sees packs as numbered append-only byte files. Three
 //! implementations:
 //! - [`DiskPacks`]: files `packs/<16 hex digits>.pack` in the store directory;
-//!   file handles are cached; `sync` is `fdatasync` and creating a pack also
-//!   syncs the directory.
+//!   file handles are cached; page-aligned appends go through a second file
+//!   descriptor opened with `O_DIRECT` (no copy into the page cache), others
+//!   and filesystems without `O_DIRECT` (tmpfs) are buffered; `sync` is
+//!   `fdatasync` and creating a pack also syncs the directory.
 //! - [`MemPacks`]: in memory, for tests; shareable so a test can "reopen".
 //! - [`FaultPacks`]: wraps another implementation and injects failures —
 //!   a failing `sync`, a short (torn) write, `ENOSPC` after a byte budget —
@@ -62,6 +64,8 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
 pub struct DiskPacks {
     dir: PathBuf,
     files: Mutex<HashMap<PackId, Arc<File>>>,
+    /// O_DIRECT append descriptors (`None`: the filesystem refuses O_DIRECT).
+    direct: Mutex<HashMap<PackId, Option<Arc<File>>>>,
 }
 
 impl DiskPacks {
@@ -72,12 +76,32 @@ impl DiskPacks {
         Ok(DiskPacks {
             dir,
             files: Mutex::new(HashMap::new()),
+            direct: Mutex::new(HashMap::new()),
         })
     }
 
     /// The file name of a pack.
     pub fn path(&self, id: PackId) -> PathBuf {
         self.dir.join(format!("{id:016x}.pack"))
+    }
+
+    fn direct_file(&self, id: PackId) -> io::Result<Option<Arc<File>>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut direct = self.direct.lock().unwrap();
+        if let Some(f) = direct.get(&id) {
+            return Ok(f.clone());
+        }
+        let f = match OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(self.path(id))
+        {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+            Err(e) => return Err(e),
+        };
+        direct.insert(id, f.clone());
+        Ok(f)
     }
 
     fn file(&self, id: PackId) -> io::Result<Arc<File>> {
@@ -125,6 +149,12 @@ impl PackStorage for DiskPacks {
     }
 
     fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
+        let aligned = data.len() % 4096 == 0 && (data.as_ptr() as usize) % 4096 == 0;
+        if aligned {
+            if let Some(f) = self.direct_file(id)? {
+                return (&*f).write_all(data);
+            }
+        }
         (&*self.file(id)?).write_all(data)
     }
 
@@ -166,6 +196,7 @@ impl PackStorage for DiskPacks {
 
     fn remove(&self, id: PackId) -> io::Result<()> {
         self.files.lock().unwrap().remove(&id);
+        self.direct.lock().unwrap().remove(&id);
         fs::remove_file(self.path(id))?;
         sync_dir(&self.dir)
     }

@@ -5,7 +5,10 @@
 //! (version 1)** — change it only with a new format version:
 //!
 //! ```text
-//! file header (16 bytes):  "GSYNCPK1" | u32 LE format version = 1 | u32 LE reserved = 0
+//! header page (4096 bytes): "GSYNCPK1" | u32 LE format version = 1 | u32 LE reserved = 0 | zeros
+//! then records, in batches; every batch is padded with zero bytes to a
+//! 4096-byte boundary (so packs can be appended with O_DIRECT). A record never
+//! starts with a zero byte, so a reader skips zeros to the next boundary.
 //! record header (52 bytes, then `stored_len` payload bytes):
 //!   0..4    magic "GSB1"
 //!   4..36   BLAKE3-256 of the raw (uncompressed) block
@@ -26,8 +29,43 @@ use crate::BlockHash;
 
 /// Pack file magic (frozen).
 pub const PACK_MAGIC: [u8; 8] = *b"GSYNCPK1";
-/// Pack file header length (frozen).
-pub const PACK_HEADER_LEN: u64 = 16;
+/// Pack files grow in whole pages: the header is one page and every append is
+/// padded with zeros to this boundary (frozen).
+pub const PACK_ALIGN: u64 = 4096;
+/// Offset of the first record (frozen).
+pub const PACK_DATA_START: u64 = PACK_ALIGN;
+
+/// `n` rounded up to a page boundary.
+pub fn align_up(n: u64) -> u64 {
+    n.div_ceil(PACK_ALIGN) * PACK_ALIGN
+}
+
+/// A zeroed, page-aligned byte buffer (what O_DIRECT needs), without unsafe
+/// code: an over-allocated vector sliced at its first aligned address.
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes starting at a page-aligned address.
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let raw = vec![0u8; len + PACK_ALIGN as usize];
+        let start = raw.as_ptr().align_offset(PACK_ALIGN as usize);
+        AlignedBuf { raw, start, len }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
 /// Record magic (frozen).
 pub const RECORD_MAGIC: [u8; 4] = *b"GSB1";
 /// Record header length (frozen).
@@ -55,11 +93,12 @@ impl Codec {
     }
 }
 
-/// The 16-byte pack file header.
-pub fn pack_header() -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[..8].copy_from_slice(&PACK_MAGIC);
-    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+/// The header page of a pack file.
+pub fn pack_header() -> AlignedBuf {
+    let mut h = AlignedBuf::zeroed(PACK_DATA_START as usize);
+    let b = h.as_mut_slice();
+    b[..8].copy_from_slice(&PACK_MAGIC);
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
     h
 }
 

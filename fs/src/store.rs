@@ -23,7 +23,9 @@ use tracing::{debug, info, warn};
 use crate::backend::{DiskPacks, PackId, PackStorage};
 use crate::image::Staged;
 use crate::meta::{self, FORMAT_VERSION};
-use crate::pack::{self, Codec, Compression, RecordHeader, Sealed, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::pack::{
+    self, align_up, Codec, Compression, RecordHeader, Sealed, PACK_DATA_START, RECORD_HEADER_LEN,
+};
 use crate::{validate_name, BlockHash, Error, ImageHandle, NodeId, Result, Stamp};
 
 /// Default bytes of decompressed blocks kept for re-reading.
@@ -506,8 +508,8 @@ impl Store {
                         self.inner.packs.release(old);
                     }
                     let id = self.create_pack()?;
-                    w.active = Some((id, PACK_HEADER_LEN));
-                    (id, PACK_HEADER_LEN)
+                    w.active = Some((id, PACK_DATA_START));
+                    (id, PACK_DATA_START)
                 }
             };
             let mut parts: Vec<&[u8]> = Vec::new();
@@ -525,7 +527,15 @@ impl Store {
                 off += s.record.len() as u64;
                 i += 1;
             }
-            if let Err(e) = self.inner.packs.append_all(id, &parts) {
+            // One page-aligned, zero-padded write (O_DIRECT where the disk allows).
+            let mut buf = pack::AlignedBuf::zeroed((align_up(off) - start) as usize);
+            let mut at = 0;
+            for p in &parts {
+                buf.as_mut_slice()[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            let off = align_up(off);
+            if let Err(e) = self.inner.packs.append(id, buf.as_slice()) {
                 w.active = None;
                 w.poisoned.insert(id);
                 self.inner.packs.release(id);
@@ -543,14 +553,14 @@ impl Store {
             let db = self.db();
             db.execute(
                 "INSERT INTO packs(committed_len) VALUES (?1)",
-                [PACK_HEADER_LEN as i64],
+                [PACK_DATA_START as i64],
             )?;
             db.last_insert_rowid() as PackId
         };
         let p = &self.inner.packs;
         p.create(id)
             .map_err(|e| Error::io(format!("creating pack {id}"), e))?;
-        p.append(id, &pack::pack_header())
+        p.append(id, pack::pack_header().as_slice())
             .map_err(|e| Error::io(format!("writing pack {id} header"), e))?;
         debug!(pack = id, "new pack");
         Ok(id)
@@ -1138,7 +1148,7 @@ impl Store {
                     loc.codec as i64
                 ])?;
                 let e = ends.entry(loc.pack).or_default();
-                *e = (*e).max(loc.end());
+                *e = (*e).max(align_up(loc.end())); // batches end on a page boundary
             }
             let mut packs = tx.prepare_cached(
                 "INSERT INTO packs(id, committed_len) VALUES (?1, ?2)

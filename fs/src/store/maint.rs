@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use super::{loc_from_row, BlockLoc, Store};
 use crate::backend::PackId;
-use crate::pack::{self, RecordHeader, Sealed, PACK_HEADER_LEN, PACK_MAGIC, RECORD_HEADER_LEN};
+use crate::pack::{self, align_up, RecordHeader, Sealed, PACK_DATA_START, PACK_MAGIC, RECORD_HEADER_LEN};
 use crate::{meta, BlockHash, Error, Result};
 
 /// Compact packs whose live bytes are below this fraction of their size.
@@ -131,9 +131,9 @@ impl Store {
             if l == 0 {
                 plan.delete_packs.push(id);
                 plan.reclaim_bytes += len;
-            } else if (l as f64) < COMPACT_BELOW * len.saturating_sub(PACK_HEADER_LEN) as f64 {
+            } else if (l as f64) < COMPACT_BELOW * len.saturating_sub(PACK_DATA_START) as f64 {
                 plan.compact_packs.push((id, l, len));
-                plan.reclaim_bytes += len - l - PACK_HEADER_LEN;
+                plan.reclaim_bytes += len.saturating_sub(l + PACK_DATA_START);
             }
         }
         Ok(plan)
@@ -231,7 +231,7 @@ impl Store {
         let mut ends: BTreeMap<PackId, u64> = BTreeMap::new();
         for l in &locs {
             let e = ends.entry(l.pack).or_default();
-            *e = (*e).max(l.end());
+            *e = (*e).max(align_up(l.end()));
         }
         self.sync_packs(ends.keys().copied())?;
         {
@@ -382,14 +382,19 @@ impl Store {
                 .read_at(id, 0, &mut data)
                 .map_err(|e| Error::io(format!("reading pack {id}"), e))?;
             progress(len);
-            if data.len() < PACK_HEADER_LEN as usize || data[..8] != PACK_MAGIC {
+            if data.len() < 16 || data[..8] != PACK_MAGIC {
                 report
                     .records_damaged
                     .push((id, 0, "pack header is missing or damaged".into()));
             }
-            let mut off = PACK_HEADER_LEN as usize;
-            let mut end = PACK_HEADER_LEN;
+            let mut off = PACK_DATA_START as usize;
+            let mut end = PACK_DATA_START;
             while off + RECORD_HEADER_LEN <= data.len() {
+                if data[off] == 0 && data[off..off + RECORD_HEADER_LEN].iter().all(|&b| b == 0) {
+                    // Padding after a batch: the next record starts at a page boundary.
+                    off = align_up(off as u64 + 1) as usize;
+                    continue;
+                }
                 let hdr = RecordHeader::decode(data[off..off + RECORD_HEADER_LEN].try_into().unwrap());
                 let hdr = match hdr {
                     Ok(h) if off + RECORD_HEADER_LEN + h.stored_len as usize <= data.len() => h,
@@ -434,7 +439,7 @@ impl Store {
                     }
                     Err(what) => report.records_damaged.push((id, off as u64, what)),
                 }
-                end = rec_end as u64;
+                end = align_up(rec_end as u64);
                 off = rec_end;
             }
             pack_ends.insert(id, end);
