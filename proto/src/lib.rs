@@ -5,8 +5,11 @@
 //! protocol: node identities and hybrid-logical-clock stamps, which order
 //! image versions across sites for the newest-wins rule.
 //!
-//! The message codec and the sync state machine land with issue 4 (`syncd`).
+//! [`wire`] holds the message types and their one codec (hard size limits,
+//! total decoding). The sync state machine lands with the rest of issue 4.
 #![deny(missing_docs)]
+
+pub mod wire;
 
 use std::fmt;
 
