@@ -214,3 +214,28 @@ fn an_image_open_for_writing_is_never_replaced_underneath() {
     let st = v.statfs().unwrap();
     assert!(st.blocks > 0 && st.bfree <= st.blocks && st.files == 1);
 }
+
+/// Copies in opposite directions between two images at the same time must
+/// not deadlock (the two image locks are taken in one global order).
+#[test]
+fn crossing_copies_do_not_deadlock() {
+    let (_d, v) = vfs();
+    let v = std::sync::Arc::new(v);
+    let (_, fa) = v.create(ROOT_INO, "a").unwrap();
+    let (_, fb) = v.create(ROOT_INO, "b").unwrap();
+    v.write(fa, 0, &noise(1, 16 * BS as usize)).unwrap();
+    v.write(fb, 0, &noise(2, 16 * BS as usize)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (from, to) in [(fa, fb), (fb, fa)] {
+        let (v, tx) = (v.clone(), tx.clone());
+        std::thread::spawn(move || {
+            for i in 0..300u64 {
+                v.copy_range(from, (i % 8) * BS, to, ((i + 3) % 8) * BS, 4 * BS).unwrap();
+            }
+            tx.send(()).unwrap();
+        });
+    }
+    for _ in 0..2 {
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("copy_file_range deadlocked");
+    }
+}

@@ -429,14 +429,19 @@ impl Vfs {
         let Some(ino) = self.fhs.lock().unwrap().remove(&fh) else {
             return Ok(());
         };
-        let mut open = self.open.lock().unwrap();
-        let Some(o) = open.get(&ino).cloned() else {
+        let Some(o) = self.open.lock().unwrap().get(&ino).cloned() else {
             return Ok(());
         };
         if o.opens.fetch_sub(1, Ordering::SeqCst) == 1 {
-            open.remove(&ino);
-            drop(open);
-            return self.commit_open(&o);
+            // Commit while the image is still in the table: an open racing this
+            // release (the kernel sends RELEASE after close() returns) reuses the
+            // handle and its writer lease instead of finding the image busy.
+            let r = self.commit_open(&o);
+            let mut open = self.open.lock().unwrap();
+            if o.opens.load(Ordering::SeqCst) == 0 && open.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &o)) {
+                open.remove(&ino);
+            }
+            return r;
         }
         Ok(())
     }
@@ -544,9 +549,14 @@ impl Vfs {
         let n = if ino_in == ino_out {
             let mut h = dst.handle.write().unwrap();
             copy_blocks(None, &mut h, off_in, off_out, len)?
-        } else {
+        } else if ino_in < ino_out {
+            // Locks in inode order: two copies in opposite directions cannot deadlock.
             let from = src.handle.read().unwrap();
             let mut to = dst.handle.write().unwrap();
+            copy_blocks(Some(&from), &mut to, off_in, off_out, len)?
+        } else {
+            let mut to = dst.handle.write().unwrap();
+            let from = src.handle.read().unwrap();
             copy_blocks(Some(&from), &mut to, off_in, off_out, len)?
         };
         let full = {
