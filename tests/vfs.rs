@@ -230,12 +230,14 @@ fn crossing_copies_do_not_deadlock() {
         let (v, tx) = (v.clone(), tx.clone());
         std::thread::spawn(move || {
             for i in 0..300u64 {
-                v.copy_range(from, (i % 8) * BS, to, ((i + 3) % 8) * BS, 4 * BS).unwrap();
+                v.copy_range(from, (i % 8) * BS, to, ((i + 3) % 8) * BS, 4 * BS)
+                    .unwrap();
             }
             tx.send(()).unwrap();
         });
     }
     for _ in 0..2 {
-        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("copy_file_range deadlocked");
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("copy_file_range deadlocked");
     }
 }

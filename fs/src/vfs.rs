@@ -251,7 +251,8 @@ impl Vfs {
         match node {
             Node::Root | Node::SnapRoot | Node::SnapDir(_) => Ok(self.dir_attr(ino)),
             _ => {
-                if let Some(o) = self.open.lock().unwrap().get(&ino).cloned() {
+                let open = self.open.lock().unwrap().get(&ino).cloned(); // table lock released here
+                if let Some(o) = open {
                     return self.handle_attr(ino, &o.handle.read().unwrap());
                 }
                 let h = match node {
@@ -359,36 +360,47 @@ impl Vfs {
     /// Open an image or snapshot; returns a file handle.
     pub fn open(&self, ino: u64, write: bool) -> Result<u64> {
         let node = self.node(ino)?;
-        let mut open = self.open.lock().unwrap();
-        let o = match open.get(&ino) {
-            Some(o) => o.clone(),
-            None => {
-                let h = match &node {
-                    Node::Image(name) => self.store.open_image(name)?,
-                    Node::Snapshot(img, snap) => self.store.open_snapshot(img, snap)?,
-                    _ => return Err(Error::InvalidArgument("is a directory".into())),
-                };
-                let o = Arc::new(OpenImage {
-                    handle: RwLock::new(h),
-                    opens: AtomicU64::new(0),
-                    dirty_since: Mutex::new(None),
-                });
-                open.insert(ino, o.clone());
-                o
-            }
+        let o = {
+            let mut open = self.open.lock().unwrap();
+            let o = match open.get(&ino) {
+                Some(o) => o.clone(),
+                None => {
+                    let h = match &node {
+                        Node::Image(name) => self.store.open_image(name)?,
+                        Node::Snapshot(img, snap) => self.store.open_snapshot(img, snap)?,
+                        _ => return Err(Error::InvalidArgument("is a directory".into())),
+                    };
+                    let o = Arc::new(OpenImage {
+                        handle: RwLock::new(h),
+                        opens: AtomicU64::new(0),
+                        dirty_since: Mutex::new(None),
+                    });
+                    open.insert(ino, o.clone());
+                    o
+                }
+            };
+            // Counted before the table lock is released, so a racing release keeps it.
+            o.opens.fetch_add(1, Ordering::SeqCst);
+            o
         };
         if write {
-            let mut h = o.handle.write().unwrap();
-            if let Err(e) = h.acquire() {
-                if o.opens.load(Ordering::SeqCst) == 0 {
-                    open.remove(&ino);
+            // Outside the table lock: a commit holding this image must not stall other files.
+            let r = {
+                let mut h = o.handle.write().unwrap();
+                h.acquire().map(|()| h.set_dirty_limit(usize::MAX)) // the mount decides when to commit
+            };
+            if let Err(e) = r {
+                if o.opens.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    let mut open = self.open.lock().unwrap();
+                    if o.opens.load(Ordering::SeqCst) == 0
+                        && open.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &o))
+                    {
+                        open.remove(&ino);
+                    }
                 }
                 return Err(e);
             }
-            h.set_dirty_limit(usize::MAX); // the mount decides when to commit
         }
-        o.opens.fetch_add(1, Ordering::SeqCst);
-        drop(open);
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         self.fhs.lock().unwrap().insert(fh, ino);
         Ok(fh)
