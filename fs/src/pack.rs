@@ -48,12 +48,30 @@ pub struct AlignedBuf {
     len: usize,
 }
 
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} of {} bytes)", self.len, self.capacity())
+    }
+}
+
 impl AlignedBuf {
     /// `len` zero bytes starting at a page-aligned address.
     pub fn zeroed(len: usize) -> AlignedBuf {
         let raw = vec![0u8; len + PACK_ALIGN as usize];
         let start = raw.as_ptr().align_offset(PACK_ALIGN as usize);
         AlignedBuf { raw, start, len }
+    }
+
+    /// Bytes available from the aligned start.
+    pub fn capacity(&self) -> usize {
+        self.raw.len() - self.start
+    }
+
+    /// Use the first `len` bytes (at most the capacity; contents are whatever
+    /// was there: callers overwrite them).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity());
+        self.len = len;
     }
 
     /// The bytes.
@@ -210,7 +228,7 @@ pub struct Sealed {
 }
 
 thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
@@ -223,33 +241,31 @@ pub fn hash_block(raw: &[u8]) -> BlockHash {
 /// least 1/32 of its size, raw otherwise. Reuses one compressor per thread.
 pub fn seal(raw: &[u8], hash: BlockHash, compression: Compression) -> Sealed {
     let raw_len = raw.len() as u32;
-    let mut record = Vec::with_capacity(RECORD_HEADER_LEN + raw.len() + 64);
+    // Compression must save at least 1/32: give zstd only that much room, so
+    // incompressible blocks fail fast instead of being compressed in full.
+    let room = raw.len() - raw.len() / 32 - 1;
+    let mut record = Vec::with_capacity(RECORD_HEADER_LEN + raw.len());
     record.resize(RECORD_HEADER_LEN, 0);
     let mut codec = Codec::Raw;
     if let Compression::Zstd(level) = compression {
-        let bound = zstd::zstd_safe::compress_bound(raw.len());
-        record.resize(RECORD_HEADER_LEN + bound, 0);
-        let n = COMPRESSOR.with(|c| {
+        COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
-            if c.as_ref().map(|(l, _)| *l) != Some(level) {
+            if c.as_ref().map(|(l, _, _)| *l) != Some(level) {
                 *c = Some((
                     level,
                     zstd::bulk::Compressor::new(level).expect("zstd compressor"),
+                    Vec::new(),
                 ));
             }
-            c.as_mut()
-                .unwrap()
-                .1
-                .compress_to_buffer(raw, &mut record[RECORD_HEADER_LEN..])
-                .ok()
-        });
-        match n {
-            Some(n) if n < raw.len() - raw.len() / 32 => {
-                record.truncate(RECORD_HEADER_LEN + n);
+            let (_, comp, scratch) = c.as_mut().unwrap();
+            if scratch.len() < room {
+                scratch.resize(room, 0); // once per thread: the buffer is reused
+            }
+            if let Ok(n) = comp.compress_to_buffer(raw, &mut scratch[..room]) {
+                record.extend_from_slice(&scratch[..n]);
                 codec = Codec::Zstd;
             }
-            _ => record.truncate(RECORD_HEADER_LEN),
-        }
+        });
     }
     if codec == Codec::Raw {
         record.extend_from_slice(raw);

@@ -223,7 +223,12 @@ struct PackWriter {
     active: Option<(PackId, u64)>,
     /// Packs whose append or sync failed: their unsynced tail may be lost.
     poisoned: HashSet<PackId>,
+    /// The aligned write buffer, kept for the next batch.
+    buf: Option<pack::AlignedBuf>,
 }
+
+/// Size of the append buffer kept between batches (a seal chunk fits).
+const REUSED_BUF: usize = 24 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Inner {
@@ -527,15 +532,26 @@ impl Store {
                 off += s.record.len() as u64;
                 i += 1;
             }
-            // One page-aligned, zero-padded write (O_DIRECT where the disk allows).
-            let mut buf = pack::AlignedBuf::zeroed((align_up(off) - start) as usize);
+            // One page-aligned, zero-padded write (O_DIRECT where the disk allows),
+            // from a buffer reused across batches (no fresh zeroed pages each time).
+            let need = (align_up(off) - start) as usize;
+            let mut buf = match w.buf.take() {
+                Some(b) if b.capacity() >= need => b,
+                _ => pack::AlignedBuf::zeroed(need.max(REUSED_BUF)),
+            };
+            buf.set_len(need);
             let mut at = 0;
             for p in &parts {
                 buf.as_mut_slice()[at..at + p.len()].copy_from_slice(p);
                 at += p.len();
             }
+            buf.as_mut_slice()[at..].fill(0);
             let off = align_up(off);
-            if let Err(e) = self.inner.packs.append(id, buf.as_slice()) {
+            let r = self.inner.packs.append(id, buf.as_slice());
+            if buf.capacity() <= REUSED_BUF {
+                w.buf = Some(buf);
+            }
+            if let Err(e) = r {
                 w.active = None;
                 w.poisoned.insert(id);
                 self.inner.packs.release(id);
