@@ -421,3 +421,30 @@ fn bad_input_is_refused_clearly() {
 fn rusqlite_conn(p: &std::path::Path) -> rusqlite::Connection {
     rusqlite::Connection::open(p).unwrap()
 }
+
+/// Sharing a block (copy_file_range) whose source was swept by GC between
+/// reading the source and committing fails cleanly: no map row ever points
+/// at a missing block.
+#[test]
+fn sharing_a_swept_block_is_refused_at_commit() {
+    let (_d, s) = new_store();
+    s.create_image("src", 4 * BS).unwrap();
+    write_commit(&s, "src", 0, &noise(1, 4 * BS as usize));
+    s.create_snapshot("src", "snap").unwrap();
+    let view = s.open_snapshot("src", "snap").unwrap();
+    let sources = view.block_sources(0..4).unwrap();
+    drop(view);
+    // The source goes away: new content, snapshot deleted, garbage collected.
+    write_commit(&s, "src", 0, &noise(2, 4 * BS as usize));
+    s.delete_snapshot("src", "snap").unwrap();
+    s.gc(false).unwrap();
+    s.create_image("dst", 4 * BS).unwrap();
+    write_commit(&s, "dst", 0, &noise(3, 4 * BS as usize));
+    let mut h = s.open_image("dst").unwrap();
+    h.put_blocks(0, sources, 4 * BS).unwrap();
+    let e = h.commit().unwrap_err();
+    assert!(matches!(e, Error::MissingBlock { .. }), "{e}");
+    drop(h);
+    assert_eq!(read_all(&s, "dst"), noise(3, 4 * BS as usize));
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+}

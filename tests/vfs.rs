@@ -15,6 +15,7 @@ fn vfs() -> (tempfile::TempDir, Vfs) {
 #[test]
 fn namespace_create_lookup_rename_unlink() {
     let (_d, v) = vfs();
+    let _d = _d.path().to_path_buf();
     let names: Vec<String> = v.readdir(ROOT_INO).unwrap().into_iter().map(|e| e.name).collect();
     assert_eq!(names, vec![".snapshots"]);
     let (a, fh) = v.create(ROOT_INO, "vm1").unwrap();
@@ -50,6 +51,22 @@ fn namespace_create_lookup_rename_unlink() {
             .errno(),
         libc::EEXIST
     );
+    // A refused replacing rename (the source is being written) removes nothing.
+    let other = Store::open(&_d, OpenMode::ReadWrite).unwrap();
+    let mut writer = other.open_image("vm2").unwrap();
+    writer.write(0, b"busy").unwrap();
+    assert_eq!(
+        v.rename(ROOT_INO, "vm2", ROOT_INO, "vm3", false)
+            .unwrap_err()
+            .errno(),
+        libc::EBUSY
+    );
+    assert!(
+        v.lookup(ROOT_INO, "vm3").is_ok(),
+        "the target survived the refused rename"
+    );
+    writer.commit().unwrap();
+    drop(writer);
     v.rename(ROOT_INO, "vm2", ROOT_INO, "vm3", false).unwrap(); // replaces
     assert_eq!(v.lookup(ROOT_INO, "vm3").unwrap().size, 16 << 30);
     // An open image cannot be removed underneath its users.

@@ -96,10 +96,18 @@ pub struct ImageHandle {
     lease: Option<WriterLease>,
     /// Read-only view of this committed version (a snapshot) instead of the head.
     view: Option<u64>,
+    /// Stored blocks shared in by `put_blocks`: the commit checks they still exist.
+    shared: HashSet<BlockHash>,
     /// Committed map lookups (valid for `row.version`; kept in step by commit).
     map_cache: Mutex<HashMap<u64, Option<BlockHash>>>,
     /// Data blocks of the effective image, when known (for `st_blocks` and quota).
     alloc: Mutex<Option<u64>>,
+}
+
+impl Drop for ImageHandle {
+    fn drop(&mut self) {
+        self.store.unpin_packs(std::mem::take(&mut self.touched));
+    }
 }
 
 /// Entries of the committed-map cache before it is cleared (bounds memory).
@@ -122,6 +130,7 @@ impl ImageHandle {
             guard: None,
             lease: None,
             view: None,
+            shared: HashSet::new(),
             map_cache: Mutex::new(HashMap::new()),
             alloc: Mutex::new(None),
         }
@@ -641,7 +650,8 @@ impl ImageHandle {
         self.dirty_bytes = 0;
         self.staged.clear();
         self.new_blocks.clear();
-        self.touched.clear();
+        self.shared.clear();
+        self.store.unpin_packs(std::mem::take(&mut self.touched));
         self.trunc_from = None;
         self.size = self.row.size;
         self.guard = None;
@@ -662,7 +672,7 @@ impl ImageHandle {
             return Ok(());
         }
         if self.guard.is_none() {
-            self.guard = Some(self.store.stage_enter());
+            self.guard = Some(self.store.stage_enter()?);
         }
         // In chunks, so sealing needs little memory beyond the dirty set itself.
         while !self.dirty.is_empty() {
@@ -734,7 +744,9 @@ impl ImageHandle {
         drop(to_seal);
         let locs = self.store.append_batch(&sealed)?;
         for (s, loc) in sealed.iter().zip(locs) {
-            self.touched.insert(loc.pack);
+            if self.touched.insert(loc.pack) {
+                self.store.pin_pack(loc.pack);
+            }
             self.new_blocks.insert(s.hash, loc);
         }
         Ok(())
@@ -775,6 +787,7 @@ impl ImageHandle {
             trunc_from: self.trunc_from,
             staged: &self.staged,
             new_blocks: &self.new_blocks,
+            shared: &self.shared,
         })?;
         self.row.version = version;
         self.row.size = self.size;
@@ -838,7 +851,7 @@ impl ImageHandle {
         self.ensure_lease()?;
         self.check_quota(first..first + sources.len() as u64)?;
         if self.guard.is_none() {
-            self.guard = Some(self.store.stage_enter());
+            self.guard = Some(self.store.stage_enter()?);
         }
         if size_at_least > self.size {
             self.size = size_at_least;
@@ -846,7 +859,10 @@ impl ImageHandle {
         for (i, src) in sources.into_iter().enumerate() {
             let d = match src {
                 BlockSource::Hole => Dirty::Zero,
-                BlockSource::Stored(h) => Dirty::Ref(h),
+                BlockSource::Stored(h) => {
+                    self.shared.insert(h);
+                    Dirty::Ref(h)
+                }
                 BlockSource::Bytes(b) => Dirty::Data(b),
             };
             self.set_dirty(first + i as u64, d)?;

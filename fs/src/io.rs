@@ -135,9 +135,24 @@ pub enum ExportTarget<'a> {
 
 /// Export image `name` (its head, or `snapshot`) and return the logical size.
 pub fn export(store: &Store, name: &str, target: ExportTarget<'_>, progress: &dyn Fn(u64)) -> Result<u64> {
-    let info = store.image_info(name)?;
-    let size = info.size;
-    let map = store.live_map(name)?;
+    // One version: the size and the map must come from the same head, so read
+    // the map between two looks at the head and retry if a commit slipped in.
+    let (size, map) = {
+        let mut tries = 0;
+        loop {
+            let before = store.resolve_version(name, "head")?;
+            let map = store.live_map(name)?;
+            if store.resolve_version(name, "head")? == before {
+                break (before.1, map);
+            }
+            tries += 1;
+            if tries == 10 {
+                return Err(Error::InvalidArgument(format!(
+                    "image {name:?} keeps changing during export; try again or export a snapshot"
+                )));
+            }
+        }
+    };
     let bs = store.block_size();
     let read =
         |block: u64, hash: &crate::BlockHash, loc: &Option<crate::store::BlockLoc>| -> Result<Vec<u8>> {
@@ -191,7 +206,7 @@ pub fn export(store: &Store, name: &str, target: ExportTarget<'_>, progress: &dy
                     pos += n as u64;
                 }
                 let data = read(*block, hash, loc)?;
-                let len = (data.len() as u64).min(size - pos) as usize;
+                let len = (data.len() as u64).min(size.saturating_sub(pos)) as usize;
                 put(w, &data[..len])?;
                 pos += len as u64;
                 progress(len as u64);

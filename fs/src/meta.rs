@@ -41,7 +41,7 @@ CREATE TABLE blocks (
 ) WITHOUT ROWID, STRICT;
 CREATE INDEX blocks_pack ON blocks(pack, offset);
 CREATE TABLE images (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: open handles follow ids
     name TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
     version INTEGER NOT NULL,

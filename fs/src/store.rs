@@ -225,6 +225,8 @@ struct PackWriter {
     poisoned: HashSet<PackId>,
     /// The aligned write buffer, kept for the next batch.
     buf: Option<pack::AlignedBuf>,
+    /// Handles with uncommitted records in each pack (claims are kept while > 0).
+    users: HashMap<PackId, usize>,
 }
 
 /// Size of the append buffer kept between batches (a seal chunk fits).
@@ -241,6 +243,8 @@ pub(crate) struct Inner {
     /// exclusively by a GC (cross-process half of the stage gate).
     gc_lock: Option<std::fs::File>,
     writer: Mutex<PackWriter>,
+    /// Serializes pack syncs (see `sync_packs`).
+    sync_lock: Mutex<()>,
     /// Recently read blocks, verified and decompressed (bounded by bytes).
     cache: Mutex<lru::LruCache<BlockHash, Arc<[u8]>>>,
     gate: Mutex<GateState>,
@@ -280,7 +284,7 @@ impl Store {
         drop(packs);
         let mut conn = Connection::open(db)?;
         meta::configure(&conn)?;
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(meta::SCHEMA)?;
         meta::set(&tx, "format_version", FORMAT_VERSION)?;
         meta::set(&tx, "block_size", bs as i64)?;
@@ -362,6 +366,7 @@ impl Store {
                 mode,
                 gc_lock,
                 writer: Mutex::new(PackWriter::default()),
+                sync_lock: Mutex::new(()),
                 cache: Mutex::new(lru::LruCache::new(cache_entries(DEFAULT_READ_CACHE, block_size))),
                 gate: Mutex::new(GateState::default()),
                 gate_cv: Condvar::new(),
@@ -410,6 +415,12 @@ impl Store {
             {
                 continue; // another live process is appending to it
             }
+            // Its owner may have committed between our read and the claim.
+            let committed: u64 = self.db().query_row(
+                "SELECT committed_len FROM packs WHERE id = ?1",
+                [id as i64],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
             if len > committed {
                 info!(pack = id, len, committed, "cutting uncommitted pack tail");
                 let r = self.inner.packs.truncate(id, committed);
@@ -454,7 +465,7 @@ impl Store {
 
     // ------------------------------------------------------------ gate
 
-    pub(crate) fn stage_enter(&self) -> StageGuard {
+    pub(crate) fn stage_enter(&self) -> Result<StageGuard> {
         let mut st = self.inner.gate.lock().unwrap();
         while st.gc {
             st = self.inner.gate_cv.wait(st).unwrap();
@@ -462,16 +473,16 @@ impl Store {
         if st.stagers == 0 {
             if let Some(f) = &self.inner.gc_lock {
                 // Waits while a GC in another process runs.
-                let _ = f.lock_shared();
+                retry_eintr(|| f.lock_shared()).map_err(|e| Error::io("locking gc.lock (shared)", e))?;
             }
         }
         st.stagers += 1;
-        StageGuard {
+        Ok(StageGuard {
             inner: self.inner.clone(),
-        }
+        })
     }
 
-    fn gc_enter(&self) -> GcGuard {
+    fn gc_enter(&self) -> Result<GcGuard> {
         let mut st = self.inner.gate.lock().unwrap();
         while st.gc {
             st = self.inner.gate_cv.wait(st).unwrap();
@@ -481,20 +492,24 @@ impl Store {
             st = self.inner.gate_cv.wait(st).unwrap();
         }
         drop(st);
+        let mut guard = GcGuard {
+            inner: self.inner.clone(),
+            cross_process: None,
+        };
         // Then the other processes: wait until none has a commit in flight.
-        let cross_process = self.inner.dir.as_ref().and_then(|d| {
+        // Without that lock there is no GC (dropping the guard reopens the gate).
+        if let Some(d) = &self.inner.dir {
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
+                .create(true)
+                .truncate(false)
                 .open(d.join("gc.lock"))
-                .ok()?;
-            f.lock().ok()?;
-            Some(f)
-        });
-        GcGuard {
-            inner: self.inner.clone(),
-            cross_process,
+                .map_err(|e| Error::io("opening gc.lock", e))?;
+            retry_eintr(|| f.lock()).map_err(|e| Error::io("locking gc.lock (exclusive)", e))?;
+            guard.cross_process = Some(f);
         }
+        Ok(guard)
     }
 
     // ------------------------------------------------------------ packs
@@ -510,7 +525,11 @@ impl Store {
                 Some((id, len)) if len < PACK_TARGET_SIZE => (id, len),
                 old => {
                     if let Some((old, _)) = old {
-                        self.inner.packs.release(old);
+                        // Keep the claim while uncommitted handles have records in it:
+                        // recovery elsewhere must not cut them.
+                        if w.users.get(&old).copied().unwrap_or(0) == 0 {
+                            self.inner.packs.release(old);
+                        }
                     }
                     let id = self.create_pack()?;
                     w.active = Some((id, PACK_DATA_START));
@@ -586,6 +605,9 @@ impl Store {
     /// (poisoned): what was appended to it since its last good sync may be
     /// gone, so no commit may rely on it.
     pub(crate) fn sync_packs(&self, ids: impl IntoIterator<Item = PackId>) -> Result<()> {
+        // One sync at a time: a failed fdatasync is reported to one caller only,
+        // so the pack is poisoned before anyone else may sync (and trust) it.
+        let _one = self.inner.sync_lock.lock().unwrap();
         for id in ids {
             if self.inner.writer.lock().unwrap().poisoned.contains(&id) {
                 return Err(Error::Io {
@@ -608,9 +630,32 @@ impl Store {
 
     /// Stop appending to the current pack (GC compacts into a fresh one).
     fn close_active_pack(&self) -> Option<PackId> {
-        let id = self.inner.writer.lock().unwrap().active.take().map(|a| a.0)?;
-        self.inner.packs.release(id);
+        let mut w = self.inner.writer.lock().unwrap();
+        let id = w.active.take().map(|a| a.0)?;
+        if w.users.get(&id).copied().unwrap_or(0) == 0 {
+            self.inner.packs.release(id);
+        }
         Some(id)
+    }
+
+    /// A handle has uncommitted records in pack `id`.
+    pub(crate) fn pin_pack(&self, id: PackId) {
+        *self.inner.writer.lock().unwrap().users.entry(id).or_default() += 1;
+    }
+
+    /// A handle committed (or dropped) its records in these packs.
+    pub(crate) fn unpin_packs(&self, ids: impl IntoIterator<Item = PackId>) {
+        let mut w = self.inner.writer.lock().unwrap();
+        for id in ids {
+            let n = w.users.entry(id).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.users.remove(&id);
+                if w.active.map(|a| a.0) != Some(id) {
+                    self.inner.packs.release(id);
+                }
+            }
+        }
     }
 
     // ------------------------------------------------------------ blocks
@@ -713,7 +758,7 @@ impl Store {
         validate_name(name)?;
         self.check_writable()?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         insert_image(&tx, name, size, self.inner.config.node_id)?;
         tx.commit()?;
         info!(image = name, size, "created image");
@@ -802,7 +847,7 @@ impl Store {
         validate_name(snap)?;
         self.check_writable()?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = image_row(&tx, image)?;
         let exists: bool = tx.query_row(
             "SELECT EXISTS(SELECT 1 FROM snapshots WHERE image = ?1 AND name = ?2)",
@@ -847,7 +892,7 @@ impl Store {
     pub fn delete_snapshot(&self, image: &str, snap: &str) -> Result<()> {
         self.check_writable()?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = image_row(&tx, image)?;
         let snap_row = snapshot_row(&tx, &row, snap)?;
         tx.execute(
@@ -868,7 +913,7 @@ impl Store {
     pub fn rollback(&self, image: &str, snap: &str) -> Result<u64> {
         self.check_writable()?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = image_row(&tx, image)?;
         refuse_if_open(&tx, &row)?;
         let s = snapshot_row(&tx, &row, snap)?;
@@ -896,7 +941,7 @@ impl Store {
         validate_name(new)?;
         self.check_writable()?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = image_row(&tx, src)?;
         let (version, size) = match snap {
             Some(s) => {
@@ -922,7 +967,7 @@ impl Store {
         validate_name(new)?;
         self.check_writable()?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = image_row(&tx, old)?;
         refuse_if_open(&tx, &row)?;
         if image_row(&tx, new).is_ok() {
@@ -937,11 +982,36 @@ impl Store {
         Ok(())
     }
 
+    /// Rename `old` over `new`, replacing it (and its snapshots) in one
+    /// transaction: everything is checked before anything changes, so a
+    /// refused rename (either image open for writing) removes nothing.
+    pub fn replace_image(&self, old: &str, new: &str) -> Result<()> {
+        validate_name(new)?;
+        self.check_writable()?;
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let from = image_row(&tx, old)?;
+        refuse_if_open(&tx, &from)?;
+        let target = image_row(&tx, new)?;
+        refuse_if_open(&tx, &target)?;
+        tx.execute("DELETE FROM map WHERE image = ?1", [target.id])?;
+        tx.execute("DELETE FROM snapshots WHERE image = ?1", [target.id])?;
+        tx.execute("DELETE FROM images WHERE id = ?1", [target.id])?;
+        let seq = meta::next_seq(&tx)?;
+        tx.execute(
+            "UPDATE images SET name = ?2, seq = ?3 WHERE id = ?1",
+            params![from.id, new, seq],
+        )?;
+        tx.commit()?;
+        info!(old, new, "renamed, replacing the target");
+        Ok(())
+    }
+
     /// Remove an image and its snapshots; its blocks are freed by `gc`.
     pub fn remove_image(&self, name: &str) -> Result<()> {
         self.check_writable()?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = image_row(&tx, name)?;
         refuse_if_open(&tx, &row)?;
         tx.execute("DELETE FROM map WHERE image = ?1", [row.id])?;
@@ -1130,7 +1200,7 @@ impl Store {
     /// [`ImageHandle::commit`] after the packs it uses are synced).
     pub(crate) fn apply_commit(&self, c: &CommitRequest<'_>) -> Result<(u64, Stamp)> {
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = image_row_by_id(&tx, c.image_id, c.name)?;
         if row.version != c.base_version {
             return Err(Error::Conflict {
@@ -1140,6 +1210,21 @@ impl Store {
             });
         }
         let v = row.version + 1;
+        for h in c.shared {
+            let indexed: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM blocks WHERE hash = ?1)",
+                [&h.0[..]],
+                |r| r.get(0),
+            )?;
+            if !indexed && !c.new_blocks.contains_key(h) {
+                // Its source changed and GC swept it before we could share it.
+                return Err(Error::MissingBlock {
+                    hash: *h,
+                    image: Some(c.name.into()),
+                    block: None,
+                });
+            }
+        }
         let count_live = || -> Result<u64> {
             Ok(tx.query_row(
                 "SELECT COUNT(*) FROM map WHERE image = ?1 AND died IS NULL",
@@ -1306,6 +1391,17 @@ pub(crate) struct CommitRequest<'a> {
     pub trunc_from: Option<u64>,
     pub staged: &'a BTreeMap<u64, Staged>,
     pub new_blocks: &'a HashMap<BlockHash, BlockLoc>,
+    /// Blocks shared from other images: they must still be indexed.
+    pub shared: &'a HashSet<BlockHash>,
+}
+
+fn retry_eintr(mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
 }
 
 fn ratio(a: u64, b: u64) -> f64 {

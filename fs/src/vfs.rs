@@ -637,9 +637,24 @@ impl Vfs {
             if noreplace {
                 return Err(Error::ImageExists(newname.into()));
             }
-            self.unlink(ROOT_INO, newname)?;
+            let target = self
+                .nodes
+                .lock()
+                .unwrap()
+                .by_node
+                .get(&Node::Image(newname.into()))
+                .copied();
+            if target.is_some_and(|ino| self.open.lock().unwrap().contains_key(&ino)) {
+                return Err(Error::ImageBusy {
+                    image: newname.into(),
+                    pid: std::process::id(),
+                });
+            }
+            self.store.replace_image(name, newname)?;
+            self.nodes.lock().unwrap().forget(&Node::Image(newname.into()));
+        } else {
+            self.store.rename_image(name, newname)?;
         }
-        self.store.rename_image(name, newname)?;
         self.nodes
             .lock()
             .unwrap()

@@ -146,7 +146,7 @@ impl Store {
             return self.gc_plan();
         }
         self.check_writable()?;
-        let _gc = self.gc_enter();
+        let _gc = self.gc_enter()?;
         self.close_active_pack();
         let plan = self.gc_plan()?;
         let swept = self
@@ -236,7 +236,7 @@ impl Store {
         self.sync_packs(ends.keys().copied())?;
         {
             let mut db = self.db();
-            let tx = db.transaction()?;
+            let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for ((hash, _), l) in rows.iter().zip(&locs) {
                 tx.execute(
                     "UPDATE blocks SET pack = ?2, offset = ?3 WHERE hash = ?1",
@@ -353,7 +353,7 @@ impl Store {
     /// records are reported, and pack lengths are re-recorded.
     pub fn reindex(&self, progress: &(dyn Fn(u64) + Sync)) -> Result<ReindexReport> {
         self.check_writable()?;
-        let _gc = self.gc_enter();
+        let _gc = self.gc_enter()?;
         self.close_active_pack();
         let mut report = ReindexReport {
             indexed_before: self
@@ -444,9 +444,16 @@ impl Store {
             }
             pack_ends.insert(id, end);
         }
+        // What gets indexed must be durable first (tails may never have been synced).
+        for id in pack_ends.keys() {
+            self.inner
+                .packs
+                .sync(*id)
+                .map_err(|e| Error::io(format!("syncing pack {id}"), e))?;
+        }
         {
             let mut db = self.db();
-            let tx = db.transaction()?;
+            let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute("DELETE FROM blocks", [])?;
             tx.execute("DELETE FROM packs", [])?;
             {
