@@ -1,7 +1,7 @@
 //! The pack record format and block sealing (hash + compress) / opening
 //! (decompress + verify).
 //!
-//! A pack file is a 16-byte file header followed by records. **Frozen format
+//! A pack file is a header page followed by page-aligned batches of records. **Frozen format
 //! (version 1)** — change it only with a new format version:
 //!
 //! ```text

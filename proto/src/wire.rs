@@ -171,6 +171,10 @@ impl Writer<'_> {
         self.u16(s.len() as u16);
         self.0.extend_from_slice(s.as_bytes());
     }
+    fn name(&mut self, s: &str) {
+        assert!(!s.is_empty() && s.len() <= MAX_NAME, "name {s:?} cannot be sent");
+        self.str(s);
+    }
     fn bytes(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
@@ -291,8 +295,7 @@ impl Message {
                 w.u64(*seq);
                 w.u32(entries.len() as u32);
                 for e in entries {
-                    assert!(e.name.len() <= MAX_NAME, "name too long to send");
-                    w.str(&e.name);
+                    w.name(&e.name);
                     w.u64(e.version);
                     w.stamp(&e.stamp);
                     w.u64(e.size);
@@ -301,8 +304,7 @@ impl Message {
             }
             Message::PullRequest { image, have } => {
                 w.u8(K_PULL_REQUEST);
-                assert!(image.len() <= MAX_NAME, "name too long to send");
-                w.str(image);
+                w.name(image);
                 w.opt_u64(*have);
             }
             Message::MapDiff {
@@ -315,8 +317,7 @@ impl Message {
                 more,
             } => {
                 w.u8(K_MAP_DIFF);
-                assert!(image.len() <= MAX_NAME, "name too long to send");
-                w.str(image);
+                w.name(image);
                 w.opt_u64(*base);
                 w.u64(*version);
                 w.stamp(stamp);
