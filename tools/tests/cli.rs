@@ -7,29 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_geosync");
-
-fn gs(store: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-#[track_caller]
-fn ok(store: &Path, args: &[&str]) -> String {
-    let o = gs(store, args);
-    assert!(
-        o.status.success(),
-        "geosync {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
+mod common;
+use common::{gs, ok, umount, BIN};
 
 fn run(cmd: &mut Command) -> Output {
     let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -360,7 +339,7 @@ fn kill_9_during_commit_leaves_old_or_new() {
 /// fails with a clear error and the previous version stays readable.
 #[test]
 fn full_disk_during_import_keeps_previous_version() {
-    if !rustix_is_root() {
+    if !common::is_root() {
         eprintln!("skipped: needs root to mount a small tmpfs (CI runs as root)");
         return;
     }
@@ -373,7 +352,7 @@ fn full_disk_during_import_keeps_previous_version() {
     struct Umount(PathBuf);
     impl Drop for Umount {
         fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
+            umount(&self.0);
         }
     }
     let _guard = Umount(mnt.clone());
@@ -398,8 +377,4 @@ fn full_disk_during_import_keeps_previous_version() {
     // Space is given back by gc, and the store still verifies.
     ok(&store, &["gc"]);
     assert!(gs(&store, &["scrub"]).status.success());
-}
-
-fn rustix_is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }

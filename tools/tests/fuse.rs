@@ -7,145 +7,15 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use geosync_suite::model::{self, ModelImage, Op, BS};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-const BIN: &str = env!("CARGO_BIN_EXE_geosync");
-
-fn gs(store: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-#[track_caller]
-fn ok(store: &Path, args: &[&str]) -> String {
-    let o = gs(store, args);
-    assert!(
-        o.status.success(),
-        "geosync {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-#[track_caller]
-fn sh(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A running `geosync mount` (foreground child process).
-struct Mount {
-    store: PathBuf,
-    mnt: PathBuf,
-    child: Option<Child>,
-}
-
-impl Mount {
-    fn new(store: &Path, mnt: &Path, extra: &[&str]) -> Mount {
-        fs::create_dir_all(mnt).unwrap();
-        let child = Command::new(BIN)
-            .arg("--store")
-            .arg(store)
-            .arg("mount")
-            .arg(mnt)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let m = Mount {
-            store: store.into(),
-            mnt: mnt.into(),
-            child: Some(child),
-        };
-        let start = Instant::now();
-        while !geosync_tools::mount::is_mounted(mnt) {
-            assert!(start.elapsed() < Duration::from_secs(10), "mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.mnt.join(name)
-    }
-
-    /// Clean unmount: SIGTERM, wait for the daemon to commit and exit.
-    fn stop(mut self) {
-        let mut c = self.child.take().unwrap();
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-        let st = c.wait().unwrap();
-        assert!(st.success(), "mount exited with {st}");
-        assert!(!geosync_tools::mount::is_mounted(&self.mnt));
-    }
-
-    /// `kill -9` the daemon and clean up the dead mount.
-    fn kill9(mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let _ = c.wait();
-        }
-        if geosync_tools::mount::is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        let _ = &self.store;
-    }
-}
-
-/// Loop device over a file, detached on drop.
-struct Loop(String);
-impl Loop {
-    fn new(file: &Path) -> Loop {
-        let dev = sh(Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(file));
-        Loop(dev.trim().to_string())
-    }
-}
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-/// A mounted filesystem, unmounted on drop.
-struct FsMount(PathBuf);
-impl FsMount {
-    fn new(dev: &str, at: &Path, opts: &str) -> FsMount {
-        fs::create_dir_all(at).unwrap();
-        sh(Command::new("mount").args(["-o", opts]).arg(dev).arg(at));
-        FsMount(at.into())
-    }
-}
-impl Drop for FsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
+mod common;
+use common::*;
 
 fn b3_tree(dir: &Path) -> Vec<(String, blake3::Hash)> {
     let mut out = Vec::new();
