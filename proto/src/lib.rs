@@ -5,10 +5,15 @@
 //! protocol: node identities and hybrid-logical-clock stamps, which order
 //! image versions across sites for the newest-wins rule.
 //!
-//! [`wire`] holds the message types and their one codec (hard size limits,
-//! total decoding). The sync state machine lands with the rest of issue 4.
+//! - [`wire`]: the message types and their one codec (hard size limits,
+//!   total decoding).
+//! - [`sync`]: the replication state machine (events and `now` in, actions
+//!   out): catalogs, pulls of missing blocks, newest wins, pacing, leases.
+//! - [`serve`]: the answering side, over a [`serve::Source`] trait.
 #![deny(missing_docs)]
 
+pub mod serve;
+pub mod sync;
 pub mod wire;
 
 use std::fmt;

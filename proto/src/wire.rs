@@ -67,32 +67,40 @@ pub enum Message {
         seq: u64,
         /// Changed images.
         entries: Vec<CatalogEntry>,
+        /// More `Catalog` frames follow on this stream.
+        more: bool,
     },
-    /// "Send me image `image`; I already have your version `have`."
+    /// "Send me your head of `image`; mine is the version stamped `have`."
     PullRequest {
         /// Image name.
         image: String,
-        /// A version of the sender's that the requester holds, if any.
-        have: Option<u64>,
+        /// Stamp of the requester's head of this image, if it has one.
+        have: Option<Stamp>,
     },
-    /// Part of the map of `image` at `version` (relative to `base`, or full).
+    /// Part of the sender's head map of `image`. If `base_known`, the
+    /// sender's history holds the version the requester named in `have`:
+    /// `changes` are the blocks that changed since, and every block outside
+    /// `live` is a hole. Otherwise `changes` is the whole map.
     MapDiff {
         /// Image name.
         image: String,
-        /// The version these changes lead from (`None`: from empty).
-        base: Option<u64>,
-        /// The version they lead to.
-        version: u64,
-        /// Its stamp.
+        /// The requester's `have` is in the sender's history of the image
+        /// (the head descends from it, or kept it as a snapshot).
+        base_known: bool,
+        /// Stamp of the head these changes lead to.
         stamp: Stamp,
         /// Its size.
         size: u64,
         /// Changed blocks.
         changes: Vec<MapChange>,
+        /// Extents `[start, end)` of block indexes that hold data (part of
+        /// the list; frames add up).
+        live: Vec<(u64, u64)>,
         /// Whether more `MapDiff` frames follow for this version.
         more: bool,
     },
-    /// "Send me these blocks."
+    /// "Send me these blocks." The answer is one `Block` or `Error` per
+    /// hash, in order.
     BlockRequest {
         /// Block names.
         hashes: Vec<Hash>,
@@ -108,6 +116,14 @@ pub enum Message {
         /// Stored bytes.
         payload: Vec<u8>,
     },
+    /// "Pull `image` from me now, whatever your pacing says" (a project
+    /// move). Answered by `Ok` or `Error`.
+    Offer {
+        /// Image name.
+        image: String,
+    },
+    /// A request was accepted.
+    Ok,
     /// A refusal or failure; the connection may continue.
     Error {
         /// Machine-readable code.
@@ -151,6 +167,22 @@ const K_MAP_DIFF: u8 = 5;
 const K_BLOCK_REQUEST: u8 = 6;
 const K_BLOCK: u8 = 7;
 const K_ERROR: u8 = 8;
+const K_OFFER: u8 = 9;
+const K_OK: u8 = 10;
+
+/// Error codes carried by [`Message::Error`].
+pub mod code {
+    /// The request was malformed or out of order.
+    pub const BAD_REQUEST: u16 = 400;
+    /// The peer may not do this (pull or push policy).
+    pub const FORBIDDEN: u16 = 403;
+    /// No such image or block.
+    pub const NOT_FOUND: u16 = 404;
+    /// The other side speaks another protocol version.
+    pub const VERSION: u16 = 426;
+    /// The sender failed (store error); try again later.
+    pub const INTERNAL: u16 = 500;
+}
 
 struct Writer<'a>(&'a mut Vec<u8>);
 
@@ -179,12 +211,12 @@ impl Writer<'_> {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
     }
-    fn opt_u64(&mut self, v: Option<u64>) {
+    fn opt_stamp(&mut self, v: &Option<Stamp>) {
         match v {
             None => self.u8(0),
             Some(x) => {
                 self.u8(1);
-                self.u64(x);
+                self.stamp(x);
             }
         }
     }
@@ -248,8 +280,8 @@ impl<'a> Reader<'a> {
     fn hash(&mut self) -> Result<Hash, DecodeError> {
         Ok(self.take(32)?.try_into().unwrap())
     }
-    fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
-        Ok(if self.bool()? { Some(self.u64()?) } else { None })
+    fn opt_stamp(&mut self) -> Result<Option<Stamp>, DecodeError> {
+        Ok(if self.bool()? { Some(self.stamp()?) } else { None })
     }
     fn stamp(&mut self) -> Result<Stamp, DecodeError> {
         Ok(Stamp {
@@ -290,9 +322,10 @@ impl Message {
                 w.u8(K_CATALOG_REQUEST);
                 w.u64(*since);
             }
-            Message::Catalog { seq, entries } => {
+            Message::Catalog { seq, entries, more } => {
                 w.u8(K_CATALOG);
                 w.u64(*seq);
+                w.u8(*more as u8);
                 w.u32(entries.len() as u32);
                 for e in entries {
                     w.name(&e.name);
@@ -305,21 +338,20 @@ impl Message {
             Message::PullRequest { image, have } => {
                 w.u8(K_PULL_REQUEST);
                 w.name(image);
-                w.opt_u64(*have);
+                w.opt_stamp(have);
             }
             Message::MapDiff {
                 image,
-                base,
-                version,
+                base_known,
                 stamp,
                 size,
                 changes,
+                live,
                 more,
             } => {
                 w.u8(K_MAP_DIFF);
                 w.name(image);
-                w.opt_u64(*base);
-                w.u64(*version);
+                w.u8(*base_known as u8);
                 w.stamp(stamp);
                 w.u64(*size);
                 w.u8(*more as u8);
@@ -333,6 +365,11 @@ impl Message {
                             w.0.extend_from_slice(h);
                         }
                     }
+                }
+                w.u32(live.len() as u32);
+                for (a, b) in live {
+                    w.u64(*a);
+                    w.u64(*b);
                 }
             }
             Message::BlockRequest { hashes } => {
@@ -354,6 +391,11 @@ impl Message {
                 w.u32(*raw_len);
                 w.bytes(payload);
             }
+            Message::Offer { image } => {
+                w.u8(K_OFFER);
+                w.name(image);
+            }
+            Message::Ok => w.u8(K_OK),
             Message::Error { code, message } => {
                 w.u8(K_ERROR);
                 w.u16(*code);
@@ -394,6 +436,7 @@ impl Message {
             K_CATALOG_REQUEST => Message::CatalogRequest { since: r.u64()? },
             K_CATALOG => {
                 let seq = r.u64()?;
+                let more = r.bool()?;
                 let n = r.count(2 + 8 + 28 + 8 + 1)?;
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -405,16 +448,15 @@ impl Message {
                         deleted: r.bool()?,
                     });
                 }
-                Message::Catalog { seq, entries }
+                Message::Catalog { seq, entries, more }
             }
             K_PULL_REQUEST => Message::PullRequest {
                 image: r.name()?,
-                have: r.opt_u64()?,
+                have: r.opt_stamp()?,
             },
             K_MAP_DIFF => {
                 let image = r.name()?;
-                let base = r.opt_u64()?;
-                let version = r.u64()?;
+                let base_known = r.bool()?;
                 let stamp = r.stamp()?;
                 let size = r.u64()?;
                 let more = r.bool()?;
@@ -425,13 +467,22 @@ impl Message {
                     let hash = if r.bool()? { Some(r.hash()?) } else { None };
                     changes.push(MapChange { block, hash });
                 }
+                let n = r.count(16)?;
+                let mut live = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (a, b) = (r.u64()?, r.u64()?);
+                    if a >= b {
+                        return Err(DecodeError::Invalid("empty or reversed extent"));
+                    }
+                    live.push((a, b));
+                }
                 Message::MapDiff {
                     image,
-                    base,
-                    version,
+                    base_known,
                     stamp,
                     size,
                     changes,
+                    live,
                     more,
                 }
             }
@@ -460,6 +511,8 @@ impl Message {
                     payload: r.bytes()?,
                 }
             }
+            K_OFFER => Message::Offer { image: r.name()? },
+            K_OK => Message::Ok,
             K_ERROR => Message::Error {
                 code: r.u16()?,
                 message: r.str(1024)?,
@@ -512,14 +565,15 @@ mod tests {
                         }
                     ),
                     0..8
-                )
+                ),
+                any::<bool>()
             )
-                .prop_map(|(seq, entries)| Message::Catalog { seq, entries }),
-            (name(), any::<Option<u64>>()).prop_map(|(image, have)| Message::PullRequest { image, have }),
+                .prop_map(|(seq, entries, more)| Message::Catalog { seq, entries, more }),
+            (name(), prop::option::of(stamp()))
+                .prop_map(|(image, have)| Message::PullRequest { image, have }),
             (
                 name(),
-                any::<Option<u64>>(),
-                any::<u64>(),
+                any::<bool>(),
                 stamp(),
                 any::<u64>(),
                 prop::collection::vec(
@@ -527,19 +581,22 @@ mod tests {
                         .prop_map(|(block, hash)| MapChange { block, hash }),
                     0..20
                 ),
+                prop::collection::vec((0u64..1 << 40, 1u64..1000).prop_map(|(a, n)| (a, a + n)), 0..5),
                 any::<bool>()
             )
-                .prop_map(|(image, base, version, stamp, size, changes, more)| {
+                .prop_map(|(image, base_known, stamp, size, changes, live, more)| {
                     Message::MapDiff {
                         image,
-                        base,
-                        version,
+                        base_known,
                         stamp,
                         size,
                         changes,
+                        live,
                         more,
                     }
                 }),
+            name().prop_map(|image| Message::Offer { image }),
+            Just(Message::Ok),
             prop::collection::vec(any::<[u8; 32]>(), 0..10)
                 .prop_map(|hashes| Message::BlockRequest { hashes }),
             (
