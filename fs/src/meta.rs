@@ -13,6 +13,11 @@
 //! - `snapshots(image, name, version, size, stamp, created_ms)`.
 //! - `writers(image, pid, token, since_ms)`: the one live writer of an image
 //!   (a lease; rows of dead processes are ignored and cleaned up).
+//! - `history(image, version, stamp)`: the stamps of the last
+//!   [`HISTORY_KEEP`] versions of each image, so a peer holding one of them
+//!   gets only what changed since (replication).
+//! - `transfer_leases(image, holder, expires_ms)`: one replication transfer
+//!   per image at a time, across the daemons sharing this store.
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -63,6 +68,20 @@ CREATE TABLE map (
 CREATE INDEX map_live ON map(image, block) WHERE died IS NULL;
 CREATE INDEX map_born ON map(image, born);
 CREATE INDEX map_died ON map(image, died) WHERE died IS NOT NULL;
+CREATE TABLE IF NOT EXISTS history (
+    image INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    stamp_ms INTEGER NOT NULL,
+    stamp_ctr INTEGER NOT NULL,
+    origin BLOB NOT NULL,
+    PRIMARY KEY (image, version)
+) WITHOUT ROWID, STRICT;
+CREATE INDEX IF NOT EXISTS history_stamp ON history(image, stamp_ms);
+CREATE TABLE IF NOT EXISTS transfer_leases (
+    image TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID, STRICT;
 CREATE TABLE snapshots (
     image INTEGER NOT NULL,
     name TEXT NOT NULL,
@@ -75,6 +94,45 @@ CREATE TABLE snapshots (
     PRIMARY KEY (image, name)
 ) WITHOUT ROWID, STRICT;
 "#;
+
+/// Tables added after format 1 was first released; created on open when
+/// missing (they only add information).
+pub const MIGRATIONS: &str = r#"
+CREATE TABLE IF NOT EXISTS history (
+    image INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    stamp_ms INTEGER NOT NULL,
+    stamp_ctr INTEGER NOT NULL,
+    origin BLOB NOT NULL,
+    PRIMARY KEY (image, version)
+) WITHOUT ROWID, STRICT;
+CREATE INDEX IF NOT EXISTS history_stamp ON history(image, stamp_ms);
+CREATE TABLE IF NOT EXISTS transfer_leases (
+    image TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID, STRICT;
+"#;
+
+/// Versions of an image whose stamps are remembered (for incremental pulls).
+pub const HISTORY_KEEP: i64 = 4096;
+
+/// Remember that `version` of `image` has `stamp`; forget the oldest.
+pub fn record_history(conn: &Connection, image: i64, version: u64, stamp: &Stamp) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO history(image, version, stamp_ms, stamp_ctr, origin) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        image,
+        version as i64,
+        stamp.hlc.wall_ms as i64,
+        stamp.hlc.counter as i64,
+        &stamp.origin.0[..]
+    ])?;
+    conn.prepare_cached("DELETE FROM history WHERE image = ?1 AND version <= ?2")?
+        .execute(params![image, version as i64 - HISTORY_KEEP])?;
+    Ok(())
+}
 
 /// Connection settings: WAL, durable commits, foreign-key-free schema.
 pub fn configure(conn: &Connection) -> Result<()> {

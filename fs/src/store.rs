@@ -10,6 +10,7 @@
 //! Lock order: `gate` → `writer` → `db`. Pack reads take no store lock.
 
 pub mod maint;
+pub mod replica;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -345,6 +346,9 @@ impl Store {
                 found: version,
                 supported: FORMAT_VERSION,
             });
+        }
+        if mode == OpenMode::ReadWrite {
+            conn.execute_batch(meta::MIGRATIONS)?;
         }
         let block_size = meta::get_i64(&conn, "block_size")?.unwrap_or(0) as u32;
         let compression: Compression = meta::get_text(&conn, "compression")?
@@ -1016,6 +1020,7 @@ impl Store {
         refuse_if_open(&tx, &row)?;
         tx.execute("DELETE FROM map WHERE image = ?1", [row.id])?;
         tx.execute("DELETE FROM snapshots WHERE image = ?1", [row.id])?;
+        tx.execute("DELETE FROM history WHERE image = ?1", [row.id])?;
         tx.execute("DELETE FROM images WHERE id = ?1", [row.id])?;
         meta::next_seq(&tx)?;
         tx.commit()?;
@@ -1518,7 +1523,9 @@ fn insert_image(tx: &Transaction<'_>, name: &str, size: u64, node: NodeId) -> Re
             meta::now_ms() as i64
         ],
     )?;
-    Ok(tx.last_insert_rowid())
+    let id = tx.last_insert_rowid();
+    meta::record_history(tx, id, 1, &stamp)?;
+    Ok(id)
 }
 
 fn bump_version(tx: &Transaction<'_>, row: &ImageRow, v: u64, size: u64, node: NodeId) -> Result<Stamp> {
@@ -1537,5 +1544,6 @@ fn bump_version(tx: &Transaction<'_>, row: &ImageRow, v: u64, size: u64, node: N
             seq
         ],
     )?;
+    meta::record_history(tx, row.id, v, &stamp)?;
     Ok(stamp)
 }

@@ -71,14 +71,26 @@ fn err(code: u16, message: impl Into<String>) -> Message {
 }
 
 /// Answer one request from a peer with `policy`. `emit` receives the reply
-/// frames in order (a block reply streams one frame per block).
+/// frames in order (a block reply streams one frame per block). Returns the
+/// image of an accepted [`Message::Offer`]: the driver must then pull it
+/// from that peer at once ([`crate::sync::Event::Force`]).
 pub fn serve(
     policy: &Policy,
     req: &Message,
     src: &dyn Source,
     emit: &mut dyn FnMut(Message),
-) -> Result<(), Violation> {
+) -> Result<Option<String>, Violation> {
     match req {
+        Message::Offer { image } => {
+            if policy.may_push(image) {
+                emit(Message::Ok);
+                return Ok(Some(image.clone()));
+            }
+            emit(err(
+                code::FORBIDDEN,
+                format!("you may not push {image:?} to this node"),
+            ));
+        }
         Message::CatalogRequest { since } => match src.catalog_since(*since) {
             Ok((seq, entries)) => {
                 let visible: Vec<CatalogEntry> =
@@ -104,7 +116,7 @@ pub fn serve(
         Message::PullRequest { image, have } => {
             if !policy.may_pull(image) {
                 emit(err(code::FORBIDDEN, format!("no image {image:?} you may pull")));
-                return Ok(());
+                return Ok(None);
             }
             match src.map(image, *have) {
                 Ok(Some(v)) => {
@@ -151,5 +163,5 @@ pub fn serve(
             return Err(Violation(format!("{} is not a request", kind_name(other))));
         }
     }
-    Ok(())
+    Ok(None)
 }

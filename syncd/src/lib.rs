@@ -1,11 +1,19 @@
-//! geosync replication daemon — **not implemented yet** (issue 4).
+//! geosync replication daemon: the sans-I/O state machine of
+//! [`geosync_proto::sync`] driven over QUIC (quinn, rustls) with mutual TLS
+//! and pinned node ids.
 //!
-//! `syncd` will own the QUIC endpoint (quinn + rustls, mutual TLS with pinned
-//! node ids), timers and the store handle, and drive the sans-I/O state
-//! machine of `geosync-proto`. Today this crate only builds, so the
-//! workspace has its final shape; the binary refuses to run.
+//! - [`config`]: `syncd.toml` (strict).
+//! - [`identity`]: node keys, node ids, TLS configurations that pin peers.
+//! - [`net`]: the endpoint and frames over streams.
+//! - [`daemon`]: the driver, dialers, server, control socket.
+//! - [`control`]: the control socket protocol and its client (used by
+//!   `geosync move` and `geosync sync status`).
+//! - [`metrics`]: Prometheus metrics.
 #![deny(missing_docs)]
 
-/// What the binary says when asked to do anything.
-pub const NOT_YET: &str =
-    "syncd is not implemented yet: replication lands with issue 4 (see ARCHITECTURE.md)";
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod identity;
+pub mod metrics;
+pub mod net;

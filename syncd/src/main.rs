@@ -1,10 +1,95 @@
-//! The `syncd` binary (placeholder until issue 4).
-fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("syncd: geosync replication daemon\n\n{}", geosync_syncd::NOT_YET);
-        return std::process::ExitCode::SUCCESS;
+//! The `syncd` binary: `syncd init --store DIR`, `syncd run --config FILE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use geosync_syncd::{config::Config, daemon, identity::Identity};
+
+/// geosync replication daemon: replicates images between sites over QUIC
+/// (mutual TLS, pinned node ids), shipping only the blocks a peer lacks.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create this node's key pair in STORE/syncd (and the store itself if
+    /// it does not exist); prints the node id as the last line.
+    Init {
+        /// Store directory.
+        #[arg(long, env = "GEOSYNC_STORE", default_value = "./data")]
+        store: PathBuf,
+    },
+    /// Run the daemon.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("syncd: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    eprintln!("syncd: {}", geosync_syncd::NOT_YET);
-    std::process::ExitCode::from(2)
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Init { store } => {
+            let st = match geosync_fs::Store::open(&store, geosync_fs::OpenMode::ReadWrite) {
+                Ok(s) => s,
+                Err(geosync_fs::Error::NoStore(_)) => {
+                    eprintln!("syncd: creating store {}", store.display());
+                    geosync_fs::Store::init(&store, &geosync_fs::InitOptions::default())?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let id = Identity::create(&store)?;
+            st.set_node_id(id.id)
+                .context("recording the node id in the store")?;
+            eprintln!(
+                "syncd: key in {}; give this node id to its peers:",
+                geosync_syncd::identity::state_dir(&store).display()
+            );
+            println!("{}", id.id);
+            Ok(())
+        }
+        Cmd::Run { config } => {
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(async {
+                let shutdown = async {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                };
+                daemon::run(cfg, shutdown).await
+            })?;
+            Ok(())
+        }
+    }
 }

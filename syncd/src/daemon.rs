@@ -1,0 +1,1175 @@
+//! The daemon: drives [`geosync_proto::sync::Sync`] over QUIC.
+//!
+//! Tasks:
+//! - **driver** (one): owns the state machine. Feeds it events (replies,
+//!   connection changes, local head changes polled from the store, control
+//!   commands) and `now` (monotonic ms), and carries out its actions:
+//!   requests go out on the peer's connection, store work (missing hashes,
+//!   verified block batches, the switch, leases) runs on this task with
+//!   `block_in_place`. Blocks of one reply stream are kept in one batch: one
+//!   pack sync per batch.
+//! - **dialer** per peer: keeps one outgoing connection (ours, for our
+//!   requests), with a Hello exchange, redialing with jitter.
+//! - **server**: accepts connections (TLS has already refused unknown
+//!   peers), one task per request stream; answers through
+//!   [`geosync_proto::serve::serve`] under the peer's policy, paced by the
+//!   per-peer bandwidth limit. A malformed or out-of-order frame closes
+//!   that connection (logged, counted); other peers are not affected.
+//! - **control** socket and **metrics** endpoint.
+//!
+//! Shutdown (SIGTERM/SIGINT, via the future given to [`run`]): stop
+//! accepting, close connections, release leases; stored blocks stay, so a
+//! restarted daemon resumes pulls without fetching them again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use geosync_fs::store::replica::{IncomingBlock, ReplicaOutcome};
+use geosync_fs::{BlockHash, Store};
+use geosync_proto::serve::serve;
+use geosync_proto::sync::{self, Action, ApplyOutcome, Event, ReqId, Sync};
+use geosync_proto::wire::{code, Message};
+use geosync_proto::{NodeId, Stamp, PROTOCOL_VERSION};
+use quinn::{Connection, Endpoint, VarInt};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, Peer};
+use crate::control::{self, ImagePeer, ImageStatus, LastTransfer, MoveEvent, PeerStatus, Status};
+use crate::identity::{self, Identity};
+use crate::metrics::{self, ImagePeerL, Metrics, PeerL, TransferL};
+use crate::net::{self, close, read_frame, write_frame, FrameError};
+
+/// How long a transfer lease lasts (a pull renews nothing: pulls are
+/// bounded by the request timeout between progress steps).
+pub const LEASE_MS: u64 = 15 * 60 * 1000;
+
+/// Daemon errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] geosync_fs::Error),
+    /// Keys and TLS.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// Sockets.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration.
+    #[error("{0}")]
+    Config(String),
+}
+
+enum Input {
+    Events(Vec<Event>),
+    Control(ControlCmd),
+}
+
+enum ControlCmd {
+    Status(tokio::sync::oneshot::Sender<Status>),
+    Move {
+        image: String,
+        to: NodeId,
+        events: mpsc::UnboundedSender<MoveEvent>,
+    },
+}
+
+struct Shared {
+    store: Store,
+    me: NodeId,
+    identity: Identity,
+    peers: BTreeMap<NodeId, Peer>,
+    conns: Mutex<BTreeMap<NodeId, Connection>>,
+    metrics: Arc<Metrics>,
+    tx: mpsc::UnboundedSender<Input>,
+    bandwidth: Option<u64>,
+    limiters: Mutex<HashMap<NodeId, Instant>>,
+    homes_path: PathBuf,
+}
+
+impl Shared {
+    fn peer_label(&self, p: &NodeId) -> PeerL {
+        PeerL { peer: p.to_string() }
+    }
+
+    /// Wait until `n` more bytes may be sent to `peer` (a virtual-clock
+    /// token bucket with 50 ms of burst).
+    async fn pace(&self, peer: NodeId, n: usize) {
+        let Some(rate) = self.bandwidth else {
+            return;
+        };
+        let wait = {
+            let mut l = self.limiters.lock().unwrap();
+            let now = Instant::now();
+            let next = l.entry(peer).or_insert(now);
+            let burst = Duration::from_millis(50);
+            if *next + burst < now {
+                *next = now - burst;
+            }
+            let start = *next;
+            *next = start + Duration::from_secs_f64(n as f64 / rate as f64);
+            start.saturating_duration_since(now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Run the daemon until `shutdown` completes.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), DaemonError> {
+    let store = Store::open(&cfg.store, geosync_fs::OpenMode::ReadWrite)?;
+    let identity = Identity::load(&cfg.store)?;
+    if store.node_id() != identity.id {
+        return Err(DaemonError::Config(format!(
+            "store {} has node id {} but its key says {}: run `syncd init --store {}` on a store made without it",
+            cfg.store.display(),
+            store.node_id(),
+            identity.id,
+            cfg.store.display()
+        )));
+    }
+    let peers: BTreeMap<NodeId, Peer> = cfg
+        .peer_list()
+        .map_err(DaemonError::Config)?
+        .into_iter()
+        .map(|p| (p.id, p))
+        .collect();
+    if peers.contains_key(&identity.id) {
+        return Err(DaemonError::Config(format!(
+            "node {} lists itself as a peer",
+            identity.id
+        )));
+    }
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(
+            identity.server_config(peers.keys().copied().collect())?,
+        )
+        .map_err(|e| DaemonError::Config(format!("TLS: {e}")))?,
+    ));
+    server.transport_config(net::transport());
+    let endpoint = net::endpoint(cfg.listen, Some(server)).map_err(|source| DaemonError::Io {
+        what: format!("listening on {}", cfg.listen),
+        source,
+    })?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let metrics = Arc::new(Metrics::default());
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        me: identity.id,
+        identity: identity.clone(),
+        peers: peers.clone(),
+        conns: Mutex::new(BTreeMap::new()),
+        metrics: metrics.clone(),
+        tx,
+        bandwidth: cfg.bandwidth_bytes(),
+        limiters: Mutex::new(HashMap::new()),
+        homes_path: identity::state_dir(&cfg.store).join("homes.json"),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = cfg.metrics {
+        let registry = Arc::new(metrics.registry());
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Io {
+                what: format!("metrics listener on {addr}"),
+                source,
+            })?;
+        drop(l); // bound once to report the error here; serve() binds again
+        tasks.spawn(async move {
+            if let Err(e) = metrics::serve(addr, registry).await {
+                warn!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let control_path = cfg.control_path();
+    let control = bind_control(&control_path)?;
+    tasks.spawn(control_loop(control, shared.clone()));
+    tasks.spawn(accept_loop(endpoint.clone(), shared.clone()));
+    for p in peers.values() {
+        tasks.spawn(dial_loop(endpoint.clone(), shared.clone(), p.clone()));
+    }
+    let sync_cfg = sync::Config {
+        catalog_interval_ms: cfg.catalog_interval_ms,
+        pacing_factor: cfg.pacing_factor,
+        ..sync::Config::default()
+    };
+    let sm = Sync::new(
+        sync_cfg,
+        peers.values().map(|p| (p.id, p.policy.clone())),
+        std::process::id() as u64 ^ geosync_fs_now_ms(),
+    );
+    let holder = format!("{}:{}:{}", identity.id, std::process::id(), geosync_fs_now_ms());
+    let driver = Driver {
+        shared: shared.clone(),
+        sm,
+        start: Instant::now(),
+        local_seq: 0,
+        streams: HashMap::new(),
+        holder,
+        leases: Vec::new(),
+        last: BTreeMap::new(),
+        moves: Vec::new(),
+        homes: load_homes(&shared.homes_path),
+    };
+    info!(node = %identity.id, listen = %cfg.listen, peers = peers.len(), control = %control_path.display(), "syncd ready");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tokio::select! {
+        _ = driver.run(rx) => {}
+        _ = shutdown => info!("shutting down"),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    endpoint.close(VarInt::from_u32(close::SHUTDOWN), b"shutdown");
+    tasks.abort_all();
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let _ = std::fs::remove_file(&control_path);
+    // Leases of this process: released so other daemons need not wait them out.
+    if let Ok(db) = Store::open(&cfg.store, geosync_fs::OpenMode::ReadWrite) {
+        let _ = db.release_transfer_leases_of(&format!("{}:{}:", identity.id, std::process::id()));
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn geosync_fs_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn load_homes(p: &std::path::Path) -> BTreeMap<String, String> {
+    std::fs::read(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_homes(p: &std::path::Path, homes: &BTreeMap<String, String>) -> std::io::Result<()> {
+    let tmp = p.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(homes).expect("serializes"))?;
+    std::fs::rename(&tmp, p)
+}
+
+// ------------------------------------------------------------------ driver
+
+struct PendingMove {
+    image: String,
+    to: NodeId,
+    stamp: Stamp,
+    total: u64,
+    sent_at_start: u64,
+    offered: bool,
+    events: mpsc::UnboundedSender<MoveEvent>,
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    sm: Sync,
+    start: Instant,
+    local_seq: u64,
+    streams: HashMap<ReqId, tokio::task::AbortHandle>,
+    holder: String,
+    leases: Vec<String>,
+    last: BTreeMap<(String, NodeId), LastTransfer>,
+    moves: Vec<PendingMove>,
+    homes: BTreeMap<String, String>,
+}
+
+impl Driver {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self
+                .sm
+                .poll_timeout()
+                .map(|t| self.start + Duration::from_millis(t))
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                inp = rx.recv() => {
+                    let Some(inp) = inp else { return };
+                    match inp {
+                        Input::Events(evs) => {
+                            for ev in evs {
+                                if let Event::Frame { req, .. } | Event::Failed { req, .. } = &ev {
+                                    self.streams.remove(req);
+                                }
+                                let now = self.now();
+                                self.sm.handle(now, ev);
+                            }
+                        }
+                        Input::Control(c) => self.control(c),
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let now = self.now();
+                    self.sm.handle_timeout(now);
+                }
+                _ = tick.tick() => self.tick(),
+            }
+            self.drain();
+        }
+    }
+
+    /// Poll the store for local changes; report move progress and lag.
+    fn tick(&mut self) {
+        let store = self.shared.store.clone();
+        match tokio::task::block_in_place(|| store.catalog_since(self.local_seq)) {
+            Ok((seq, entries)) if !entries.is_empty() || seq != self.local_seq => {
+                let mut heads: Vec<(String, Option<Stamp>)> =
+                    entries.into_iter().map(|e| (e.name, Some(e.stamp))).collect();
+                if self.local_seq > 0 || seq == 0 {
+                    // Images removed since: the catalog does not list them.
+                    if let Ok(names) = store.image_names() {
+                        for n in self.sm.local_heads().keys() {
+                            if !names.contains(n) {
+                                heads.push((n.clone(), None));
+                            }
+                        }
+                    }
+                }
+                self.local_seq = seq;
+                let now = self.now();
+                self.sm.handle(now, Event::LocalHeads(heads));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot read the local catalog");
+                self.shared.metrics.error("store");
+            }
+        }
+        // Lag per image and peer.
+        for p in self.shared.peers.keys() {
+            if let Some(cat) = self.sm.remote_catalog(p) {
+                for (name, e) in cat {
+                    let local = self.sm.local_heads().get(name);
+                    let lag = match local {
+                        Some(l) if *l >= e.stamp => 0.0,
+                        Some(l) => e.stamp.hlc.wall_ms.saturating_sub(l.hlc.wall_ms) as f64 / 1000.0,
+                        None => 0.0,
+                    };
+                    self.shared
+                        .metrics
+                        .lag_seconds
+                        .get_or_create(&ImagePeerL {
+                            image: name.clone(),
+                            peer: p.to_string(),
+                        })
+                        .set(lag);
+                }
+            }
+        }
+        // Moves: done when the peer's catalog shows our head.
+        let mut done = Vec::new();
+        for (i, m) in self.moves.iter().enumerate() {
+            let sent = self
+                .shared
+                .metrics
+                .frame_bytes_sent
+                .get_or_create(&self.shared.peer_label(&m.to))
+                .get();
+            let bytes = sent.saturating_sub(m.sent_at_start);
+            let there = self
+                .sm
+                .remote_catalog(&m.to)
+                .and_then(|c| c.get(&m.image))
+                .map(|e| e.stamp);
+            if m.offered && there.is_some_and(|s| s >= m.stamp) {
+                done.push(i);
+                let _ = m.events.send(MoveEvent {
+                    state: "done".into(),
+                    bytes,
+                    total: m.total.max(bytes),
+                    message: None,
+                });
+            } else if m.events.is_closed() {
+                done.push(i);
+            } else {
+                let _ = m.events.send(MoveEvent {
+                    state: "progress".into(),
+                    bytes,
+                    total: m.total,
+                    message: None,
+                });
+            }
+        }
+        for i in done.into_iter().rev() {
+            let m = self.moves.remove(i);
+            if !m.events.is_closed() {
+                info!(image = %m.image, to = %m.to, "move finished; the image's home is now the destination");
+                self.homes.insert(m.image.clone(), m.to.to_string());
+                if let Err(e) = save_homes(&self.shared.homes_path, &self.homes) {
+                    warn!(error = %e, "cannot record the image's new home");
+                }
+            }
+        }
+    }
+
+    fn control(&mut self, c: ControlCmd) {
+        match c {
+            ControlCmd::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            ControlCmd::Move { image, to, events } => {
+                let fail = |m: String| {
+                    let _ = events.send(MoveEvent {
+                        state: "error".into(),
+                        bytes: 0,
+                        total: 0,
+                        message: Some(m),
+                    });
+                };
+                if !self.shared.peers.contains_key(&to) {
+                    return fail(format!("{to} is not a configured peer"));
+                }
+                if !self.shared.peers[&to].policy.may_pull(&image) {
+                    return fail(format!(
+                        "peer {to} may not pull {image:?} (its pull globs in the config)"
+                    ));
+                }
+                let info = match self.shared.store.image_info(&image) {
+                    Ok(i) => i,
+                    Err(e) => return fail(e.to_string()),
+                };
+                let sent = self
+                    .shared
+                    .metrics
+                    .frame_bytes_sent
+                    .get_or_create(&self.shared.peer_label(&to))
+                    .get();
+                self.moves.push(PendingMove {
+                    image: image.clone(),
+                    to,
+                    stamp: info.stamp,
+                    total: info.stored,
+                    sent_at_start: sent,
+                    offered: false,
+                    events,
+                });
+                self.sm.offer(&image, to);
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let wall = geosync_fs_now_ms();
+        let now = self.now();
+        let mut names: std::collections::BTreeSet<String> = self.sm.local_heads().keys().cloned().collect();
+        for p in self.shared.peers.keys() {
+            if let Some(c) = self.sm.remote_catalog(p) {
+                names.extend(c.keys().cloned());
+            }
+        }
+        let images = names
+            .into_iter()
+            .map(|name| {
+                let local = self.sm.local_heads().get(&name).copied();
+                let peers = self
+                    .shared
+                    .peers
+                    .keys()
+                    .map(|p| {
+                        let remote = self
+                            .sm
+                            .remote_catalog(p)
+                            .and_then(|c| c.get(&name))
+                            .map(|e| e.stamp);
+                        let state = match (local, remote) {
+                            (Some(l), Some(r)) if l == r => "in sync",
+                            (Some(l), Some(r)) if l < r => "behind",
+                            (Some(_), Some(_)) => "ahead",
+                            (Some(_), None) => "only here",
+                            (None, Some(_)) => "only there",
+                            (None, None) => "unknown",
+                        };
+                        let pace = self.sm.pace(&name);
+                        ImagePeer {
+                            peer: p.to_string(),
+                            state: state.into(),
+                            remote_stamp: remote.map(|s| s.to_string()),
+                            behind_blocks: None,
+                            behind_bytes: None,
+                            transferring: self.sm.transferring(&name) == Some(*p),
+                            last_transfer: self.last.get(&(name.clone(), *p)).cloned(),
+                            next_allowed_ms: pace
+                                .filter(|pc| pc.next_allowed_ms > now)
+                                .map(|pc| wall + (pc.next_allowed_ms - now)),
+                        }
+                    })
+                    .collect();
+                ImageStatus {
+                    home: self.homes.get(&name).cloned(),
+                    image: name,
+                    stamp: local.map(|s| s.to_string()),
+                    peers,
+                }
+            })
+            .collect();
+        Status {
+            node: self.shared.me.to_string(),
+            peers: self
+                .shared
+                .peers
+                .values()
+                .map(|p| PeerStatus {
+                    id: p.id.to_string(),
+                    address: p.address.to_string(),
+                    up: self.sm.peer_up(&p.id),
+                })
+                .collect(),
+            images,
+        }
+    }
+
+    /// Carry out actions until the state machine has none.
+    fn drain(&mut self) {
+        loop {
+            let mut batch: Vec<(String, NodeId, IncomingBlock)> = Vec::new();
+            let mut any = false;
+            while let Some(a) = self.sm.poll_action() {
+                any = true;
+                match a {
+                    Action::Store {
+                        image,
+                        peer,
+                        hash,
+                        codec,
+                        raw_len,
+                        payload,
+                    } => batch.push((
+                        image,
+                        peer,
+                        IncomingBlock {
+                            hash: BlockHash(hash),
+                            codec,
+                            raw_len,
+                            payload,
+                        },
+                    )),
+                    other => {
+                        self.flush(&mut batch);
+                        self.exec(other);
+                    }
+                }
+            }
+            self.flush(&mut batch);
+            if !any {
+                return;
+            }
+        }
+    }
+
+    /// Verify and keep a batch of received blocks (one pack sync).
+    fn flush(&mut self, batch: &mut Vec<(String, NodeId, IncomingBlock)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let items = std::mem::take(batch);
+        let blocks: Vec<IncomingBlock> = items.iter().map(|(_, _, b)| b.clone()).collect();
+        let store = self.shared.store.clone();
+        let verdicts = match tokio::task::block_in_place(|| store.put_stored(blocks)) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "cannot keep received blocks");
+                self.shared.metrics.error("store");
+                vec![false; items.len()]
+            }
+        };
+        let now = self.now();
+        for ((image, peer, b), ok) in items.into_iter().zip(verdicts) {
+            if !ok {
+                warn!(%image, %peer, block = %b.hash, "received block does not match its hash: rejected, fetching again");
+                self.shared
+                    .metrics
+                    .blocks_rejected
+                    .get_or_create(&self.shared.peer_label(&peer))
+                    .inc();
+            }
+            self.sm.handle(
+                now,
+                Event::Stored {
+                    image,
+                    hash: b.hash.0,
+                    ok,
+                },
+            );
+        }
+    }
+
+    fn exec(&mut self, a: Action) {
+        let now = self.now();
+        let store = self.shared.store.clone();
+        match a {
+            Action::Send { peer, req, msg } => {
+                let conn = self.shared.conns.lock().unwrap().get(&peer).cloned();
+                let Some(conn) = conn else {
+                    self.sm.handle(
+                        now,
+                        Event::Failed {
+                            peer,
+                            req,
+                            reason: "not connected".into(),
+                        },
+                    );
+                    return;
+                };
+                let shared = self.shared.clone();
+                let h = tokio::spawn(request(shared, conn, peer, req, msg));
+                self.streams.insert(req, h.abort_handle());
+            }
+            Action::Cancel { req, .. } => {
+                if let Some(h) = self.streams.remove(&req) {
+                    h.abort();
+                }
+            }
+            Action::CheckMissing { image, hashes } => {
+                let hs: Vec<BlockHash> = hashes.iter().map(|h| BlockHash(*h)).collect();
+                let missing = match tokio::task::block_in_place(|| store.lacking(&hs)) {
+                    Ok(m) => m.into_iter().map(|h| h.0).collect(),
+                    Err(e) => {
+                        warn!(error = %e, "cannot check blocks; fetching all");
+                        hashes
+                    }
+                };
+                self.sm.handle(
+                    now,
+                    Event::Missing {
+                        image,
+                        hashes: missing,
+                    },
+                );
+            }
+            Action::Store { .. } => unreachable!("batched in drain"),
+            Action::Apply(plan) => {
+                let image = plan.image.clone();
+                let outcome = match tokio::task::block_in_place(|| store.apply_replica(&plan)) {
+                    Ok(ReplicaOutcome::Applied(_)) => ApplyOutcome::Done,
+                    Ok(ReplicaOutcome::Busy) => {
+                        info!(%image, "image is open for writing here; the newer version waits until it is closed");
+                        ApplyOutcome::Busy
+                    }
+                    Ok(ReplicaOutcome::Stale) => ApplyOutcome::Stale,
+                    Err(e) => {
+                        self.shared.metrics.error("store");
+                        ApplyOutcome::Failed(e.to_string())
+                    }
+                };
+                self.sm.handle(now, Event::Applied { image, outcome });
+            }
+            Action::AcquireLease { image } => {
+                let granted = match tokio::task::block_in_place(|| {
+                    store.try_transfer_lease(&image, &self.holder, LEASE_MS)
+                }) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!(error = %e, %image, "cannot take the transfer lease");
+                        false
+                    }
+                };
+                if granted {
+                    self.leases.push(image.clone());
+                } else {
+                    debug!(%image, "another daemon is transferring this image; retrying later");
+                }
+                self.sm.handle(now, Event::Lease { image, granted });
+            }
+            Action::ReleaseLease { image } => {
+                self.leases.retain(|i| *i != image);
+                if let Err(e) =
+                    tokio::task::block_in_place(|| store.release_transfer_lease(&image, &self.holder))
+                {
+                    warn!(error = %e, %image, "cannot release the transfer lease (it expires)");
+                }
+            }
+            Action::Done { image, peer, report } => {
+                let m = &self.shared.metrics;
+                let pl = self.shared.peer_label(&peer);
+                m.blocks_fetched.get_or_create(&pl).inc_by(report.fetched);
+                m.block_bytes_fetched.get_or_create(&pl).inc_by(report.bytes);
+                m.blocks_deduped.get_or_create(&pl).inc_by(report.deduped);
+                m.transfers
+                    .get_or_create(&TransferL {
+                        peer: peer.to_string(),
+                        result: "ok".into(),
+                    })
+                    .inc();
+                if let Some(snap) = &report.conflict {
+                    m.conflicts.get_or_create(&pl).inc();
+                    warn!(%image, %peer, snapshot = %snap, "both sites changed the image: the newer version won, ours is kept as a snapshot");
+                }
+                info!(
+                    %image, %peer, stamp = %report.stamp, millis = report.millis,
+                    fetched = report.fetched, deduped = report.deduped, bytes = report.bytes,
+                    rejected = report.rejected, "pulled"
+                );
+                self.last.insert(
+                    (image, peer),
+                    LastTransfer {
+                        at_ms: geosync_fs_now_ms(),
+                        millis: report.millis,
+                        bytes: report.bytes,
+                        fetched: report.fetched,
+                        deduped: report.deduped,
+                    },
+                );
+            }
+            Action::PullFailed { image, peer, reason } => {
+                self.shared
+                    .metrics
+                    .transfers
+                    .get_or_create(&TransferL {
+                        peer: peer.to_string(),
+                        result: "failed".into(),
+                    })
+                    .inc();
+                info!(%image, %peer, %reason, "pull stopped; will retry");
+            }
+            Action::Violation { peer, reason } => {
+                warn!(%peer, %reason, "peer broke the protocol; closing the connection");
+                self.shared.metrics.error("protocol");
+                if let Some(c) = self.shared.conns.lock().unwrap().get(&peer) {
+                    c.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+                }
+            }
+            Action::OfferResult { image, peer, refused } => {
+                for m in self.moves.iter_mut().filter(|m| m.image == image && m.to == peer) {
+                    match &refused {
+                        None => {
+                            m.offered = true;
+                            let _ = m.events.send(MoveEvent {
+                                state: "offered".into(),
+                                bytes: 0,
+                                total: m.total,
+                                message: None,
+                            });
+                        }
+                        Some(r) => {
+                            let _ = m.events.send(MoveEvent {
+                                state: "error".into(),
+                                bytes: 0,
+                                total: 0,
+                                message: Some(format!("peer {peer} refused the move: {r}")),
+                            });
+                        }
+                    }
+                }
+                if refused.is_some() {
+                    self.moves.retain(|m| !(m.image == image && m.to == peer));
+                }
+            }
+        }
+    }
+}
+
+/// One request on its own stream; the whole reply goes to the driver as one
+/// batch of events (so a block batch is stored with one sync), followed by
+/// a `Failed` that the state machine ignores if the reply was complete.
+async fn request(shared: Arc<Shared>, conn: Connection, peer: NodeId, req: ReqId, msg: Message) {
+    let pl = shared.peer_label(&peer);
+    let r: Result<Vec<Message>, FrameError> = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| FrameError::Write(e.into()))?;
+        let n = write_frame(&mut send, &msg).await?;
+        shared
+            .metrics
+            .frame_bytes_sent
+            .get_or_create(&pl)
+            .inc_by(n as u64);
+        let _ = send.finish();
+        let mut frames = Vec::new();
+        while let Some((m, n)) = read_frame(&mut recv).await? {
+            shared
+                .metrics
+                .frame_bytes_received
+                .get_or_create(&pl)
+                .inc_by(n as u64);
+            frames.push(m);
+        }
+        Ok(frames)
+    }
+    .await;
+    let mut evs: Vec<Event> = Vec::new();
+    let reason = match r {
+        Ok(frames) => {
+            evs.extend(frames.into_iter().map(|msg| Event::Frame { peer, req, msg }));
+            "reply ended early".to_string()
+        }
+        Err(FrameError::Decode(e)) => {
+            warn!(%peer, error = %e, "malformed reply; closing the connection");
+            shared.metrics.error("protocol");
+            conn.close(VarInt::from_u32(close::PROTOCOL), e.to_string().as_bytes());
+            format!("malformed reply: {e}")
+        }
+        Err(e) => e.to_string(),
+    };
+    evs.push(Event::Failed { peer, req, reason });
+    let _ = shared.tx.send(Input::Events(evs));
+}
+
+// ------------------------------------------------------------------ dialing
+
+async fn dial_loop(endpoint: Endpoint, shared: Arc<Shared>, peer: Peer) {
+    let mut failures = 0u32;
+    loop {
+        match dial(&endpoint, &shared, &peer).await {
+            Ok(conn) => {
+                failures = 0;
+                info!(peer = %peer.id, address = %peer.address, "connected");
+                shared.conns.lock().unwrap().insert(peer.id, conn.clone());
+                let _ = shared.tx.send(Input::Events(vec![Event::PeerUp(peer.id)]));
+                track_wire(&shared, &conn, peer.id).await;
+                let why = conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
+                shared.conns.lock().unwrap().remove(&peer.id);
+                let _ = shared.tx.send(Input::Events(vec![Event::PeerDown(peer.id)]));
+                info!(peer = %peer.id, reason = %why, "disconnected");
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(30) {
+                    warn!(peer = %peer.id, address = %peer.address, error = %e, "cannot connect; retrying");
+                } else {
+                    debug!(peer = %peer.id, error = %e, "cannot connect");
+                }
+            }
+        }
+        // Randomized back-off: daemons on many nodes do not redial in step.
+        let jitter = 500 + (geosync_fs_now_ms() ^ (std::process::id() as u64 * 7919)) % 1500;
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+    }
+}
+
+async fn dial(endpoint: &Endpoint, shared: &Shared, peer: &Peer) -> Result<Connection, String> {
+    let tls = shared
+        .identity
+        .client_config(peer.id)
+        .map_err(|e| e.to_string())?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?,
+    ));
+    cfg.transport_config(net::transport());
+    let conn = endpoint
+        .connect_with(cfg, peer.address, "geosync")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    // Hello both ways: versions must match, and the id must be the pinned one.
+    let hello = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(
+            &mut send,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                node: shared.me,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
+            Some((Message::Hello { version, node }, _)) if version == PROTOCOL_VERSION && node == peer.id => {
+                Ok(())
+            }
+            Some((Message::Hello { version, .. }, _)) if version != PROTOCOL_VERSION => Err(format!(
+                "peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}"
+            )),
+            Some((Message::Error { code, message }, _)) => {
+                Err(format!("peer refused: {message} (code {code})"))
+            }
+            other => Err(format!("unexpected handshake reply: {other:?}")),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), hello).await {
+        Ok(Ok(())) => Ok(conn),
+        Ok(Err(e)) => {
+            conn.close(VarInt::from_u32(close::VERSION), e.as_bytes());
+            Err(e)
+        }
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+/// Count UDP bytes of a connection (QUIC stats) until it closes.
+async fn track_wire(shared: &Shared, conn: &Connection, peer: NodeId) {
+    let pl = shared.peer_label(&peer);
+    let (mut rx, mut tx) = (0u64, 0u64);
+    let mut update = |conn: &Connection| {
+        let s = conn.stats();
+        shared
+            .metrics
+            .wire_bytes_received
+            .get_or_create(&pl)
+            .inc_by(s.udp_rx.bytes.saturating_sub(rx));
+        shared
+            .metrics
+            .wire_bytes_sent
+            .get_or_create(&pl)
+            .inc_by(s.udp_tx.bytes.saturating_sub(tx));
+        rx = rx.max(s.udp_rx.bytes);
+        tx = tx.max(s.udp_tx.bytes);
+    };
+    loop {
+        tokio::select! {
+            _ = conn.closed() => { update(conn); return; }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => update(conn),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ serving
+
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%remote, error = %e, "refused a connection (unknown or invalid peer certificate)");
+                    shared.metrics.error("refused");
+                    return;
+                }
+            };
+            let Some(peer) = conn
+                .peer_identity()
+                .and_then(|i| {
+                    i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                        .ok()
+                })
+                .and_then(|c| c.first().and_then(|c| identity::node_id_of(c).ok()))
+            else {
+                conn.close(VarInt::from_u32(close::PROTOCOL), b"no certificate");
+                return;
+            };
+            let Some(policy) = shared.peers.get(&peer).map(|p| p.policy.clone()) else {
+                conn.close(VarInt::from_u32(close::PROTOCOL), b"unknown peer");
+                return;
+            };
+            debug!(%peer, %remote, "peer connected to us");
+            let tracker = {
+                let shared = shared.clone();
+                let conn = conn.clone();
+                tokio::spawn(async move { track_wire(&shared, &conn, peer).await })
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let shared = shared.clone();
+                let conn = conn.clone();
+                let policy = policy.clone();
+                tokio::spawn(async move { serve_stream(shared, conn, peer, policy, send, recv).await });
+            }
+            let _ = tracker.await;
+        });
+    }
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    conn: Connection,
+    peer: NodeId,
+    policy: sync::Policy,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let pl = shared.peer_label(&peer);
+    let violation = |why: String| {
+        warn!(%peer, reason = %why, "peer broke the protocol; closing its connection");
+        shared.metrics.error("protocol");
+        conn.close(VarInt::from_u32(close::PROTOCOL), why.as_bytes());
+    };
+    let req = match read_frame(&mut recv).await {
+        Ok(Some((m, n))) => {
+            shared
+                .metrics
+                .frame_bytes_received
+                .get_or_create(&pl)
+                .inc_by(n as u64);
+            m
+        }
+        Ok(None) => return violation("empty request stream".into()),
+        Err(FrameError::Read(_)) => return,
+        Err(e) => return violation(e.to_string()),
+    };
+    match read_frame(&mut recv).await {
+        Ok(None) => {}
+        Ok(Some(_)) => return violation("more than one request on a stream".into()),
+        Err(FrameError::Read(_)) => return,
+        Err(e) => return violation(e.to_string()),
+    }
+    let mut out: Vec<Message> = Vec::new();
+    if let Message::Hello { version, node } = &req {
+        if *version != PROTOCOL_VERSION {
+            out.push(Message::Error {
+                code: code::VERSION,
+                message: format!("this node speaks protocol version {PROTOCOL_VERSION}, not {version}"),
+            });
+        } else if *node != peer {
+            return violation(format!("Hello names node {node} but its certificate is {peer}"));
+        } else {
+            out.push(Message::Hello {
+                version: PROTOCOL_VERSION,
+                node: shared.me,
+            });
+        }
+    } else {
+        let store = shared.store.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let r = serve(&policy, &req, &store, &mut |m| out.push(m));
+            (r, out, req)
+        })
+        .await;
+        let Ok((r, frames, req)) = res else {
+            return;
+        };
+        match r {
+            Ok(Some(image)) => {
+                info!(%peer, %image, "peer offered an image (a move): pulling it now");
+                let _ = shared.tx.send(Input::Events(vec![Event::Force { image, peer }]));
+            }
+            Ok(None) => {}
+            Err(v) => return violation(v.0),
+        }
+        for f in &frames {
+            if let Message::Error { code, message } = f {
+                if *code == code::FORBIDDEN {
+                    warn!(%peer, request = sync::kind_name(&req), %message, "refused a request the peer's policy does not allow");
+                    shared.metrics.error("forbidden");
+                }
+            }
+        }
+        out = frames;
+    }
+    for f in &out {
+        let n = {
+            let mut b = Vec::new();
+            f.encode(&mut b);
+            b.len()
+        };
+        shared.pace(peer, n).await;
+        match write_frame(&mut send, f).await {
+            Ok(n) => {
+                shared
+                    .metrics
+                    .frame_bytes_sent
+                    .get_or_create(&pl)
+                    .inc_by(n as u64);
+                if matches!(f, Message::Block { .. }) {
+                    shared.metrics.blocks_sent.get_or_create(&pl).inc();
+                }
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = send.finish();
+}
+
+// ------------------------------------------------------------------ control
+
+fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source| DaemonError::Io { what, source }
+    };
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(io("creating the directory of"))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Config(format!(
+                "another syncd is running on this store (control socket {} answers)",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
+    }
+    // Owner only: the umask applies to bind(), then the mode is made exact.
+    // SAFETY: umask has no preconditions; restored right after.
+    let old = unsafe_umask(0o177);
+    let l = tokio::net::UnixListener::bind(path);
+    unsafe_umask(old);
+    let l = l.map_err(io("binding"))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io("securing"))?;
+    Ok(l)
+}
+
+#[allow(unsafe_code)]
+fn unsafe_umask(m: u32) -> u32 {
+    // SAFETY: umask(2) cannot fail and has no memory effects.
+    unsafe { libc::umask(m as libc::mode_t) as u32 }
+}
+
+async fn control_loop(l: tokio::net::UnixListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((s, _)) = l.accept().await else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            let Ok(Some(line)) = lines.next_line().await else {
+                return;
+            };
+            let reply_err = |e: String| {
+                let mut s = serde_json::to_string(&control::ErrorReply { error: e }).unwrap();
+                s.push('\n');
+                s
+            };
+            let req: control::Request = match serde_json::from_str(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = w
+                        .write_all(reply_err(format!("bad request: {e}")).as_bytes())
+                        .await;
+                    return;
+                }
+            };
+            match req {
+                control::Request::Status => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let _ = shared.tx.send(Input::Control(ControlCmd::Status(tx)));
+                    if let Ok(st) = rx.await {
+                        let mut s = serde_json::to_string(&st).unwrap();
+                        s.push('\n');
+                        let _ = w.write_all(s.as_bytes()).await;
+                    }
+                }
+                control::Request::Move { image, to } => {
+                    let to = match NodeId::from_hex(&to) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let _ = w.write_all(reply_err(e.to_string()).as_bytes()).await;
+                            return;
+                        }
+                    };
+                    let (tx, mut rx) = mpsc::unbounded_channel();
+                    let _ = shared.tx.send(Input::Control(ControlCmd::Move {
+                        image,
+                        to,
+                        events: tx,
+                    }));
+                    while let Some(ev) = rx.recv().await {
+                        let end = ev.state == "done" || ev.state == "error";
+                        let mut s = serde_json::to_string(&ev).unwrap();
+                        s.push('\n');
+                        if w.write_all(s.as_bytes()).await.is_err() || end {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
