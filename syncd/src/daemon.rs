@@ -1078,6 +1078,60 @@ async fn serve_stream(
 
 // ------------------------------------------------------------------ control
 
+/// Most (image, peer) pairs whose backlog one status request measures.
+const PROBE_LIMIT: usize = 32;
+
+/// Fill in how far behind we are where a peer has a newer head: ask it for
+/// the map relative to our head and count the blocks we lack.
+async fn behind_by(shared: &Arc<Shared>, st: &mut Status) {
+    let mut n = 0;
+    for img in &mut st.images {
+        let have = shared.store.image_info(&img.image).ok().map(|i| i.stamp);
+        for p in &mut img.peers {
+            if p.state != "behind" && p.state != "only there" {
+                continue;
+            }
+            n += 1;
+            if n > PROBE_LIMIT {
+                return;
+            }
+            let Ok(peer) = NodeId::from_hex(&p.peer) else { continue };
+            let Some(conn) = shared.conns.lock().unwrap().get(&peer).cloned() else {
+                continue;
+            };
+            let probe = async {
+                let (mut send, mut recv) = conn.open_bi().await.ok()?;
+                write_frame(
+                    &mut send,
+                    &Message::PullRequest {
+                        image: img.image.clone(),
+                        have,
+                    },
+                )
+                .await
+                .ok()?;
+                let _ = send.finish();
+                let mut hashes = std::collections::BTreeSet::new();
+                while let Ok(Some((m, _))) = read_frame(&mut recv).await {
+                    match m {
+                        Message::MapDiff { changes, .. } => {
+                            hashes.extend(changes.into_iter().filter_map(|c| c.hash).map(BlockHash))
+                        }
+                        _ => return None,
+                    }
+                }
+                let hashes: Vec<BlockHash> = hashes.into_iter().collect();
+                let store = shared.store.clone();
+                tokio::task::spawn_blocking(move || store.lacking(&hashes)).await.ok()?.ok()
+            };
+            if let Ok(Some(lacking)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
+                p.behind_blocks = Some(lacking.len() as u64);
+                p.behind_bytes = Some(lacking.len() as u64 * shared.store.block_size());
+            }
+        }
+    }
+}
+
 fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener, DaemonError> {
     let io = |what: &str| {
         let what = format!("{what} {}", path.display());
@@ -1140,7 +1194,8 @@ async fn control_loop(l: tokio::net::UnixListener, shared: Arc<Shared>) {
                 control::Request::Status => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let _ = shared.tx.send(Input::Control(ControlCmd::Status(tx)));
-                    if let Ok(st) = rx.await {
+                    if let Ok(mut st) = rx.await {
+                        behind_by(&shared, &mut st).await;
                         let mut s = serde_json::to_string(&st).unwrap();
                         s.push('\n');
                         let _ = w.write_all(s.as_bytes()).await;

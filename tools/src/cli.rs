@@ -165,9 +165,38 @@ pub enum Command {
     /// Set or clear an image's quota on referenced bytes.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Move an image to a peer site: a forced transfer through the local
+    /// `syncd` (with progress), after which the peer is the image's home.
+    Move {
+        /// Image name.
+        name: String,
+        /// Node id of the destination peer.
+        #[arg(long)]
+        to: String,
+        /// syncd's control socket (default STORE/syncd/control.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
+    },
+    /// Replication state, from the local `syncd`.
+    #[command(subcommand)]
+    Sync(SyncCmd),
     /// Benchmarks (see `geosync bench --help`).
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
+}
+
+/// `geosync sync ...`
+#[derive(Subcommand, Debug)]
+pub enum SyncCmd {
+    /// Per image and peer: in sync or behind, last transfer, next allowed time.
+    Status {
+        /// syncd's control socket (default STORE/syncd/control.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `geosync snapshot ...`
@@ -685,6 +714,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mount(args) => crate::mount::mount(dir, args)?,
         Command::Umount { mountpoint } => crate::mount::umount_cmd(&mountpoint)?,
         Command::Bench(cmd) => return crate::bench::run(cmd).map(|_| ExitCode::SUCCESS),
+        Command::Move { name, to, control } => {
+            let path = control.unwrap_or_else(|| control_path(dir));
+            crate::replication::move_image(&path, &name, &to)?;
+        }
+        Command::Sync(SyncCmd::Status { control, json }) => {
+            let path = control.unwrap_or_else(|| control_path(dir));
+            crate::replication::status(&path, json)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn control_path(store: &Path) -> PathBuf {
+    geosync_syncd::identity::state_dir(store).join("control.sock")
 }

@@ -5,4 +5,5 @@ pub mod bench;
 pub mod cli;
 pub mod fuse_bench;
 pub mod mount;
+pub mod replication;
 pub mod units;
