@@ -182,11 +182,22 @@ pub fn next_seq(conn: &Connection) -> Result<i64> {
     Ok(seq)
 }
 
+/// Wall clock for stamps, in ms since the epoch. `GEOSYNC_CLOCK_SKEW_MS`
+/// (signed) shifts it: a test hook that gives processes on one machine the
+/// skewed clocks of distant sites.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
+    static SKEW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let skew = *SKEW.get_or_init(|| {
+        std::env::var("GEOSYNC_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    (now + skew).max(0) as u64
 }
 
 pub fn hash_from_row(row: &Row, idx: usize) -> rusqlite::Result<BlockHash> {

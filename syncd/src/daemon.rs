@@ -1052,6 +1052,18 @@ async fn serve_stream(
         }
         out = frames;
     }
+    if let Some(n) = corrupt_hook() {
+        // Test hook: damage the first N blocks this daemon serves.
+        for f in &mut out {
+            if let Message::Block { payload, .. } = f {
+                if CORRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    if let Some(b) = payload.first_mut() {
+                        *b ^= 0x55;
+                    }
+                }
+            }
+        }
+    }
     for f in &out {
         let n = {
             let mut b = Vec::new();
@@ -1074,6 +1086,20 @@ async fn serve_stream(
         }
     }
     let _ = send.finish();
+}
+
+static CORRUPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `GEOSYNC_SYNCD_CORRUPT_BLOCKS=N`: a test hook that damages the first N
+/// blocks served, as a faulty path would (QUIC's own integrity checks make
+/// that impossible to provoke from outside).
+fn corrupt_hook() -> Option<u64> {
+    static N: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("GEOSYNC_SYNCD_CORRUPT_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 // ------------------------------------------------------------------ control

@@ -177,6 +177,34 @@ pub enum Command {
         #[arg(long)]
         control: Option<PathBuf>,
     },
+    /// A UDP relay that drops, duplicates, reorders and delays datagrams
+    /// (seeded): put it between two syncd to test a bad WAN.
+    Relay {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Where to forward.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// Drop probability.
+        #[arg(long, default_value_t = 0.0)]
+        drop: f64,
+        /// Duplicate probability.
+        #[arg(long, default_value_t = 0.0)]
+        dup: f64,
+        /// Reorder probability.
+        #[arg(long, default_value_t = 0.0)]
+        reorder: f64,
+        /// One-way delay, e.g. 20ms.
+        #[arg(long, default_value = "0ms")]
+        delay: humantime::Duration,
+        /// Random extra delay, up to this.
+        #[arg(long, default_value = "0ms")]
+        jitter: humantime::Duration,
+        /// RNG seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Replication state, from the local `syncd`.
     #[command(subcommand)]
     Sync(SyncCmd),
@@ -717,6 +745,42 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Move { name, to, control } => {
             let path = control.unwrap_or_else(|| control_path(dir));
             crate::replication::move_image(&path, &name, &to)?;
+        }
+        Command::Relay {
+            listen,
+            to,
+            drop,
+            dup,
+            reorder,
+            delay,
+            jitter,
+            seed,
+        } => {
+            let r = crate::relay::Relay::start(
+                listen,
+                to,
+                crate::relay::Faults {
+                    drop,
+                    dup,
+                    reorder,
+                    delay: delay.into(),
+                    jitter: jitter.into(),
+                    seed,
+                },
+            )?;
+            eprintln!("relaying {} -> {to} (Ctrl-C stops)", r.addr);
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                let c = &r.counts;
+                use std::sync::atomic::Ordering::Relaxed;
+                eprintln!(
+                    "forwarded {} dropped {} duplicated {} reordered {}",
+                    c.forwarded.load(Relaxed),
+                    c.dropped.load(Relaxed),
+                    c.duplicated.load(Relaxed),
+                    c.reordered.load(Relaxed)
+                );
+            }
         }
         Command::Sync(SyncCmd::Status { control, json }) => {
             let path = control.unwrap_or_else(|| control_path(dir));

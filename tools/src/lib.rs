@@ -5,5 +5,6 @@ pub mod bench;
 pub mod cli;
 pub mod fuse_bench;
 pub mod mount;
+pub mod relay;
 pub mod replication;
 pub mod units;
