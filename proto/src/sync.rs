@@ -79,7 +79,7 @@ impl Default for Config {
             pacing_factor: 2.0,
             retry_min_ms: 500,
             retry_max_ms: 5_000,
-            batch: 64,
+            batch: 32,
             window: 8,
             max_transfers: 4,
             max_rejects: 3,
@@ -435,6 +435,8 @@ pub struct Sync {
     forced: BTreeSet<(String, NodeId)>,
     reqs: BTreeMap<ReqId, (NodeId, ReqKind)>,
     actions: VecDeque<Action>,
+    /// The latest `now` seen: timers at or before it have fired.
+    now: u64,
 }
 
 impl Sync {
@@ -464,6 +466,7 @@ impl Sync {
             forced: BTreeSet::new(),
             reqs: BTreeMap::new(),
             actions: VecDeque::new(),
+            now: 0,
         }
     }
 
@@ -472,10 +475,16 @@ impl Sync {
         self.actions.pop_front()
     }
 
-    /// The earliest time [`Sync::handle_timeout`] has work to do.
+    /// The earliest time [`Sync::handle_timeout`] has work to do (never a
+    /// timer that has already fired).
     pub fn poll_timeout(&self) -> Option<u64> {
         let mut t: Option<u64> = None;
-        let mut at = |x: u64| t = Some(t.map_or(x, |t| t.min(x)));
+        let floor = self.now;
+        let mut at = |x: u64| {
+            if x > floor {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
         for p in self.peers.values().filter(|p| p.up) {
             at(if p.catalog_req.is_some() {
                 p.catalog_deadline
@@ -483,7 +492,7 @@ impl Sync {
                 p.next_catalog_ms
             });
         }
-        for tr in self.transfers.values() {
+        for tr in self.transfers.values().filter(|t| t.phase != Phase::Apply) {
             at(tr.deadline_ms);
         }
         for &r in self.retry_at.values() {
@@ -540,6 +549,7 @@ impl Sync {
 
     /// Feed one event.
     pub fn handle(&mut self, now: u64, ev: Event) {
+        self.now = self.now.max(now);
         match ev {
             Event::PeerUp(p) => {
                 if let Some(peer) = self.peers.get_mut(&p) {
@@ -580,11 +590,20 @@ impl Sync {
                 }
             }
         }
+        self.fire(now);
         self.schedule(now);
     }
 
     /// Advance timers to `now`.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        self.fire(now);
+        self.schedule(now);
+    }
+
+    /// Everything due at or before `now` (so `poll_timeout` never returns a
+    /// time that has passed).
+    fn fire(&mut self, now: u64) {
         // Catalog requests that took too long.
         let stuck: Vec<(NodeId, ReqId)> = self
             .peers
@@ -614,7 +633,6 @@ impl Sync {
             self.abort(now, &image, "no progress before the request timeout".into());
         }
         self.retry_at.retain(|_, t| *t > now);
-        self.schedule(now);
     }
 
     fn jitter(&mut self) -> u64 {

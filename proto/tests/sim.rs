@@ -770,6 +770,10 @@ impl Sim {
                 self.nodes[i].sm.handle_timeout(now);
                 self.drain(i);
             }
+            // A timer that has fired is never offered again (no busy loop).
+            if let Some(t) = self.nodes[i].sm.poll_timeout() {
+                assert!(t > now, "node {i}: poll_timeout {t} is not after now {now}");
+            }
         }
         self.heal_links(false);
         if self.chaos {

@@ -43,9 +43,22 @@ use crate::identity::{self, Identity};
 use crate::metrics::{self, ImagePeerL, Metrics, PeerL, TransferL};
 use crate::net::{self, close, read_frame, write_frame, FrameError};
 
-/// How long a transfer lease lasts (a pull renews nothing: pulls are
-/// bounded by the request timeout between progress steps).
-pub const LEASE_MS: u64 = 15 * 60 * 1000;
+/// How long a transfer lease lasts unless renewed (the driver renews the
+/// leases of running pulls every tick). A lease of a daemon on this host
+/// that died is taken over at once (its pid is in the holder).
+pub const LEASE_MS: u64 = 60 * 1000;
+
+/// Is this lease holder ("node:pid:start") a process of this node that is
+/// gone? Only this host's pids can be checked; others wait for expiry.
+fn holder_is_dead(me: NodeId, holder: &str) -> bool {
+    let mut parts = holder.split(':');
+    let (Some(node), Some(pid)) = (parts.next(), parts.next().and_then(|p| p.parse::<u32>().ok())) else {
+        return false;
+    };
+    node == me.to_string()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]
@@ -223,8 +236,9 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     };
     info!(node = %identity.id, listen = %cfg.listen, peers = peers.len(), control = %control_path.display(), "syncd ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let driver = tokio::spawn(driver.run(rx));
     tokio::select! {
-        _ = driver.run(rx) => {}
+        _ = driver => warn!("the driver stopped"),
         _ = shutdown => info!("shutting down"),
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -325,9 +339,18 @@ impl Driver {
         }
     }
 
-    /// Poll the store for local changes; report move progress and lag.
+    /// Poll the store for local changes; renew leases; report move progress
+    /// and lag.
     fn tick(&mut self) {
         let store = self.shared.store.clone();
+        for image in &self.leases {
+            let r = tokio::task::block_in_place(|| {
+                store.try_transfer_lease(image, &self.holder, LEASE_MS, &|_| false)
+            });
+            if !matches!(r, Ok(true)) {
+                warn!(%image, "lost the transfer lease of a running pull");
+            }
+        }
         match tokio::task::block_in_place(|| store.catalog_since(self.local_seq)) {
             Ok((seq, entries)) if !entries.is_empty() || seq != self.local_seq => {
                 let mut heads: Vec<(String, Option<Stamp>)> =
@@ -671,8 +694,9 @@ impl Driver {
                 self.sm.handle(now, Event::Applied { image, outcome });
             }
             Action::AcquireLease { image } => {
+                let me = self.shared.me;
                 let granted = match tokio::task::block_in_place(|| {
-                    store.try_transfer_lease(&image, &self.holder, LEASE_MS)
+                    store.try_transfer_lease(&image, &self.holder, LEASE_MS, &|h| holder_is_dead(me, h))
                 }) {
                     Ok(g) => g,
                     Err(e) => {
@@ -852,19 +876,7 @@ async fn dial_loop(endpoint: Endpoint, shared: Arc<Shared>, peer: Peer) {
 }
 
 async fn dial(endpoint: &Endpoint, shared: &Shared, peer: &Peer) -> Result<Connection, String> {
-    let tls = shared
-        .identity
-        .client_config(peer.id)
-        .map_err(|e| e.to_string())?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?,
-    ));
-    cfg.transport_config(net::transport());
-    let conn = endpoint
-        .connect_with(cfg, peer.address, "geosync")
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = net::connect(endpoint, &shared.identity, peer.id, peer.address).await?;
     // Hello both ways: versions must match, and the id must be the pinned one.
     let hello = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -1121,7 +1133,9 @@ async fn behind_by(shared: &Arc<Shared>, st: &mut Status) {
             if n > PROBE_LIMIT {
                 return;
             }
-            let Ok(peer) = NodeId::from_hex(&p.peer) else { continue };
+            let Ok(peer) = NodeId::from_hex(&p.peer) else {
+                continue;
+            };
             let Some(conn) = shared.conns.lock().unwrap().get(&peer).cloned() else {
                 continue;
             };
@@ -1148,7 +1162,10 @@ async fn behind_by(shared: &Arc<Shared>, st: &mut Status) {
                 }
                 let hashes: Vec<BlockHash> = hashes.into_iter().collect();
                 let store = shared.store.clone();
-                tokio::task::spawn_blocking(move || store.lacking(&hashes)).await.ok()?.ok()
+                tokio::task::spawn_blocking(move || store.lacking(&hashes))
+                    .await
+                    .ok()?
+                    .ok()
             };
             if let Ok(Some(lacking)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
                 p.behind_blocks = Some(lacking.len() as u64);

@@ -52,8 +52,8 @@ pub fn transport() -> Arc<TransportConfig> {
         .send_window(64 << 20)
         .max_concurrent_bidi_streams(VarInt::from_u32(256))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+        .keep_alive_interval(Some(Duration::from_secs(3)))
+        .max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
     Arc::new(t)
 }
 
@@ -75,6 +75,25 @@ pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::i
         sock.into(),
         Arc::new(quinn::TokioRuntime),
     )
+}
+
+/// Dial `peer` at `addr` with mutual TLS pinned to its id (no Hello yet).
+pub async fn connect(
+    endpoint: &Endpoint,
+    me: &crate::identity::Identity,
+    peer: geosync_proto::NodeId,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, String> {
+    let tls = me.client_config(peer).map_err(|e| e.to_string())?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?,
+    ));
+    cfg.transport_config(transport());
+    endpoint
+        .connect_with(cfg, addr, "geosync")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Read one frame; `None` at a clean end of stream.

@@ -102,7 +102,13 @@ impl Shared {
         let f = &self.faults;
         let (drop, dup, reorder, j1, j2) = {
             let mut r = self.rng.lock().unwrap();
-            (r.f64() < f.drop, r.f64() < f.dup, r.f64() < f.reorder, r.f64(), r.f64())
+            (
+                r.f64() < f.drop,
+                r.f64() < f.dup,
+                r.f64() < f.reorder,
+                r.f64(),
+                r.f64(),
+            )
         };
         if drop {
             self.counts.dropped.fetch_add(1, Ordering::Relaxed);

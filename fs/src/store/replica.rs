@@ -457,9 +457,16 @@ impl Store {
         Ok(ReplicaOutcome::Applied(v))
     }
 
-    /// Take the transfer lease on `image` for `holder` for `ttl_ms`: true if
-    /// it is now ours (free, expired, or already ours).
-    pub fn try_transfer_lease(&self, image: &str, holder: &str, ttl_ms: u64) -> Result<bool> {
+    /// Take (or renew) the transfer lease on `image` for `holder` for
+    /// `ttl_ms`: true if it is now ours — it was free, expired, ours, or
+    /// `stale(current holder)` says its holder is gone (a killed daemon).
+    pub fn try_transfer_lease(
+        &self,
+        image: &str,
+        holder: &str,
+        ttl_ms: u64,
+        stale: &dyn Fn(&str) -> bool,
+    ) -> Result<bool> {
         self.check_writable()?;
         let now = meta::now_ms() as i64;
         let mut db = self.db();
@@ -472,7 +479,7 @@ impl Store {
             )
             .optional()?;
         if let Some((h, exp)) = cur {
-            if h != holder && exp > now {
+            if h != holder && exp > now && !stale(&h) {
                 return Ok(false);
             }
         }
