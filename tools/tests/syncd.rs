@@ -448,7 +448,6 @@ fn killed_receiver_and_sender_resume_without_resending() {
         &[&a, &b],
         || b.metric("geosync_frame_bytes_received_total") > total / 8,
     );
-    let mut after = b.metric("geosync_frame_bytes_received_total");
     a.kill9();
     a.start();
     let want = a.stamp("big");
@@ -458,15 +457,16 @@ fn killed_receiver_and_sender_resume_without_resending() {
         &[&a, &b],
         || b.stamp("big") == want,
     );
-    after += b.metric("geosync_frame_bytes_received_total");
+    // Everything the restarted receiver got (it was not restarted again).
+    let after = b.metric("geosync_frame_bytes_received_total");
     eprintln!(
         "resume: after the receiver was killed past half way, {after} more bytes arrived for {total} ({:.2}x)",
         after as f64 / total as f64
     );
     // Starting over would take at least 1.0x; resuming takes the half that
-    // was left, plus what was in flight at each kill.
+    // was left, plus what was in flight at each kill (at most 16 MiB).
     assert!(
-        after < total * 4 / 5,
+        after < total * 3 / 4,
         "{after} bytes after the kill for {total}: blocks were sent again"
     );
     assert_eq!(b.export_hash("big"), b3(&raw));
