@@ -405,6 +405,10 @@ struct Transfer {
     want: VecDeque<Hash>,
     inflight: BTreeMap<ReqId, VecDeque<Hash>>,
     storing: usize,
+    /// Hashes this pull fetches and has not stored yet.
+    pending: BTreeSet<Hash>,
+    /// Hashes another running pull is fetching: not asked for twice.
+    awaiting: BTreeSet<Hash>,
     rejects: BTreeMap<Hash, u32>,
     report: Report,
     keep_local_as: Option<String>,
@@ -757,6 +761,8 @@ impl Sync {
                     want: VecDeque::new(),
                     inflight: BTreeMap::new(),
                     storing: 0,
+                    pending: BTreeSet::new(),
+                    awaiting: BTreeSet::new(),
                     rejects: BTreeMap::new(),
                     report: Report::default(),
                     keep_local_as: None,
@@ -945,7 +951,23 @@ impl Sync {
             return;
         }
         t.report.deduped = t.report.deduped.saturating_sub(hashes.len() as u64);
-        t.want = hashes.into();
+        // A block another pull is already fetching is awaited, not fetched again.
+        let (mut own, mut awaiting) = (VecDeque::new(), BTreeSet::new());
+        for h in hashes {
+            let elsewhere = self
+                .transfers
+                .iter()
+                .any(|(n, o)| n != image && o.pending.contains(&h));
+            if elsewhere {
+                awaiting.insert(h);
+            } else {
+                own.push_back(h);
+            }
+        }
+        let t = self.transfers.get_mut(image).unwrap();
+        t.pending = own.iter().copied().collect();
+        t.want = own;
+        t.awaiting = awaiting;
         t.phase = Phase::Fetch;
         t.deadline_ms = now + self.cfg.request_timeout_ms;
         self.pump(now, image);
@@ -971,7 +993,12 @@ impl Sync {
             });
         }
         let t = self.transfers.get_mut(image).unwrap();
-        if t.phase == Phase::Fetch && t.want.is_empty() && t.inflight.is_empty() && t.storing == 0 {
+        if t.phase == Phase::Fetch
+            && t.want.is_empty()
+            && t.inflight.is_empty()
+            && t.storing == 0
+            && t.awaiting.is_empty()
+        {
             t.phase = Phase::Apply;
             t.deadline_ms = now + self.cfg.request_timeout_ms;
             let plan = ApplyPlan {
@@ -1059,6 +1086,21 @@ impl Sync {
             return;
         }
         t.storing = t.storing.saturating_sub(1);
+        if ok {
+            t.pending.remove(&hash);
+            // Pulls that were waiting for this block have it now.
+            let waiting: Vec<String> = self
+                .transfers
+                .iter_mut()
+                .filter_map(|(n, o)| o.awaiting.remove(&hash).then(|| n.clone()))
+                .collect();
+            for w in waiting {
+                if self.transfers[&w].phase == Phase::Fetch {
+                    self.pump(now, &w);
+                }
+            }
+        }
+        let t = self.transfers.get_mut(image).unwrap();
         if !ok {
             t.report.rejected += 1;
             let n = t.rejects.entry(hash).or_default();
@@ -1150,6 +1192,19 @@ impl Sync {
         let Some(t) = self.transfers.remove(image) else {
             return;
         };
+        // Pulls that were waiting for blocks this one was fetching fetch them.
+        let mut resume = Vec::new();
+        for (n, o) in self.transfers.iter_mut() {
+            let mine: Vec<Hash> = o.awaiting.intersection(&t.pending).copied().collect();
+            if !mine.is_empty() {
+                for h in mine {
+                    o.awaiting.remove(&h);
+                    o.pending.insert(h);
+                    o.want.push_back(h);
+                }
+                resume.push(n.clone());
+            }
+        }
         let mut reqs: Vec<ReqId> = t.inflight.keys().copied().collect();
         if let Phase::Map(r) = t.phase {
             reqs.push(r);
@@ -1170,6 +1225,11 @@ impl Sync {
             peer: t.peer,
             reason,
         });
+        for n in resume {
+            if self.transfers[&n].phase == Phase::Fetch {
+                self.pump(now, &n);
+            }
+        }
     }
 
     /// End a pull that turned out to be unnecessary.
