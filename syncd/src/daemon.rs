@@ -604,17 +604,19 @@ impl Driver {
         let items = std::mem::take(batch);
         let blocks: Vec<IncomingBlock> = items.iter().map(|(_, _, b)| b.clone()).collect();
         let store = self.shared.store.clone();
-        let verdicts = match tokio::task::block_in_place(|| store.put_stored(blocks)) {
-            Ok(v) => v,
+        let (verdicts, store_failed) = match tokio::task::block_in_place(|| store.put_stored(blocks)) {
+            Ok(v) => (v, false),
             Err(e) => {
+                // Not the peer's fault (a full disk, say): the pull retries
+                // the blocks and gives up after a few tries.
                 warn!(error = %e, "cannot keep received blocks");
                 self.shared.metrics.error("store");
-                vec![false; items.len()]
+                (vec![false; items.len()], true)
             }
         };
         let now = self.now();
         for ((image, peer, b), ok) in items.into_iter().zip(verdicts) {
-            if !ok {
+            if !ok && !store_failed {
                 warn!(%image, %peer, block = %b.hash, "received block does not match its hash: rejected, fetching again");
                 self.shared
                     .metrics

@@ -36,6 +36,27 @@ pub enum BenchCmd {
     },
     /// fio on ext4 loop-mounted through geosync vs on a plain sparse file (needs root, fio).
     Fuse(FuseBenchArgs),
+    /// Replication by two syncd vs an rsync daemon and a bsdtar pipe, over
+    /// loopback and a tc tbf link (needs root, rsync, bsdtar).
+    Sync(crate::sync_bench::SyncBenchArgs),
+    /// (used by `bench sync`) Run a command and send its stdout over TCP.
+    #[command(hide = true)]
+    PipeSend {
+        /// Address to connect to.
+        addr: String,
+        /// The command.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// (used by `bench sync`) Accept one TCP connection into a command's stdin.
+    #[command(hide = true)]
+    PipeRecv {
+        /// Address to listen on.
+        addr: String,
+        /// The command.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
 }
 
 /// `geosync bench fuse` options.
@@ -82,6 +103,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
         BenchCmd::Fuse(args) => crate::fuse_bench::run(args),
+        BenchCmd::Sync(args) => crate::sync_bench::run(args),
+        BenchCmd::PipeSend { addr, cmd } => crate::sync_bench::pipe_send(&addr, &cmd),
+        BenchCmd::PipeRecv { addr, cmd } => crate::sync_bench::pipe_recv(&addr, &cmd),
     }
 }
 
@@ -147,7 +171,8 @@ pub fn du_bytes(p: &Path) -> Result<u64> {
     Ok(fs::metadata(p)?.blocks() * 512)
 }
 
-fn drop_caches() -> bool {
+/// Flush and drop the page cache (root only); false if not allowed.
+pub fn drop_caches() -> bool {
     let _ = Command::new("sync").status();
     fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }

@@ -7,4 +7,5 @@ pub mod fuse_bench;
 pub mod mount;
 pub mod relay;
 pub mod replication;
+pub mod sync_bench;
 pub mod units;

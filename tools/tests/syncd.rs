@@ -899,3 +899,27 @@ fn unknown_peers_forbidden_images_and_malformed_frames_are_refused() {
     b.stop();
     c.stop();
 }
+
+/// Readiness goes to systemd (`NOTIFY_SOCKET`) once the daemon listens, and
+/// SIGTERM stops it cleanly (exit 0, control socket removed).
+#[test]
+fn sd_notify_ready_then_clean_sigterm() {
+    let t = tempfile::tempdir().unwrap();
+    let mut a = Site::new(t.path(), "a");
+    let b = Site::new(t.path(), "b");
+    a.configure(&[peer(&b)], "");
+    let sock_path = t.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    a.env
+        .push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
+    a.start();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("no sd-notify message");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    let control = a.store.join("syncd/control.sock");
+    assert!(control.exists());
+    a.stop();
+    assert!(!control.exists(), "the control socket is removed on shutdown");
+    assert!(fs::read_to_string(&a.log).unwrap().contains("stopped"));
+}
