@@ -426,8 +426,10 @@ fn one(args: &SyncBenchArgs, link: &Link, work: &Path, tree: &Path, size: u64) -
         a_addr,
     )?;
     wait_stamp(&sb, "img", info.stamp, Duration::from_secs(1800))?;
+    let secs = t0.elapsed().as_secs_f64();
+    settle();
     row.geo = Run {
-        secs: t0.elapsed().as_secs_f64(),
+        secs,
         bytes: metric(b_metrics, "geosync_wire_bytes_received_total")?,
     };
     eprintln!(
@@ -553,6 +555,7 @@ fn one(args: &SyncBenchArgs, link: &Link, work: &Path, tree: &Path, size: u64) -
         .args(["-w", "-R"])
         .arg(format!("write {} change.bin", change.display()))
         .arg(&img))?;
+    settle();
     let before = metric(b_metrics, "geosync_wire_bytes_received_total")?;
     sh(Command::new(geosync_bin()?)
         .arg("--store")
@@ -562,8 +565,10 @@ fn one(args: &SyncBenchArgs, link: &Link, work: &Path, tree: &Path, size: u64) -
     let want = Store::open(&sa, OpenMode::ReadOnly)?.image_info("img")?.stamp;
     let t = Instant::now();
     wait_stamp(&sb, "img", want, Duration::from_secs(600))?;
+    let secs = t.elapsed().as_secs_f64();
+    settle();
     row.geo_incr = Run {
-        secs: t.elapsed().as_secs_f64(),
+        secs,
         bytes: metric(b_metrics, "geosync_wire_bytes_received_total")? - before,
     };
     row.changed = changed_stored(&sa)?;
@@ -596,6 +601,11 @@ fn one(args: &SyncBenchArgs, link: &Link, work: &Path, tree: &Path, size: u64) -
     drop(rsyncd);
     let _ = fs::remove_dir_all(&dir);
     Ok(row)
+}
+
+/// The daemons publish QUIC's byte counters every 200 ms: wait for them.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(600));
 }
 
 /// Compressed bytes of the distinct blocks changed since snapshot `base`.
@@ -718,9 +728,9 @@ fn report(rows: &[Row], idle: Option<&Idle>, data: u64) -> String {
     );
     let _ = writeln!(
         s,
-        "| link | image | geosync first copy | rsync --sparse | bsdtar pipe | rsync / geosync | geosync / bsdtar | geosync after 1 % | changed (compressed) | wire / changed | rsync --inplace after 1 % | rsync / geosync |"
+        "| link | image | stored at A | geosync first copy | rsync --sparse | bsdtar pipe | rsync / geosync | geosync / bsdtar | geosync after 1 % | changed (compressed) | wire / changed | rsync --inplace after 1 % | rsync / geosync |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let run = |r: &Option<Run>| {
         r.as_ref()
             .map(|r| format!("{:.2} s, {}", r.secs, format_size(r.bytes)))
@@ -733,9 +743,10 @@ fn report(rows: &[Row], idle: Option<&Idle>, data: u64) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} s, {} | {} | {} | {} | {} | {:.3} s, {} | {} | {:.2}x | {} | {} |",
+            "| {} | {} | {} | {:.2} s, {} | {} | {} | {} | {} | {:.3} s, {} | {} | {:.2}x | {} | {} |",
             r.link,
             format_size(r.size),
+            format_size(r.stored),
             r.geo.secs,
             format_size(r.geo.bytes),
             run(&r.rsync),
