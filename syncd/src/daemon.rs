@@ -412,7 +412,7 @@ impl Driver {
                 .and_then(|c| c.get(&m.image))
                 .map(|e| e.stamp);
             if m.offered && there.is_some_and(|s| s >= m.stamp) {
-                done.push(i);
+                done.push((i, true));
                 let _ = m.events.send(MoveEvent {
                     state: "done".into(),
                     bytes,
@@ -420,7 +420,7 @@ impl Driver {
                     message: None,
                 });
             } else if m.events.is_closed() {
-                done.push(i);
+                done.push((i, false)); // the client went away; the pull goes on
             } else {
                 let _ = m.events.send(MoveEvent {
                     state: "progress".into(),
@@ -430,9 +430,9 @@ impl Driver {
                 });
             }
         }
-        for i in done.into_iter().rev() {
+        for (i, finished) in done.into_iter().rev() {
             let m = self.moves.remove(i);
-            if !m.events.is_closed() {
+            if finished {
                 info!(image = %m.image, to = %m.to, "move finished; the image's home is now the destination");
                 self.homes.insert(m.image.clone(), m.to.to_string());
                 if let Err(e) = save_homes(&self.shared.homes_path, &self.homes) {
