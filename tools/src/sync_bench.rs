@@ -178,7 +178,7 @@ fn start_syncd(
     fs::write(
         &cfg,
         format!(
-            "store = {store:?}\nlisten = \"{listen}\"\nmetrics = \"{metrics}\"\ncatalog_interval_ms = 100\n\
+            "store = {store:?}\nlisten = \"{listen}\"\nmetrics = \"{metrics}\"\ncatalog_interval_ms = 100\npacing_factor = 0\n\
              [[peer]]\nid = \"{peer_id}\"\naddress = \"{peer}\"\npull = [\"*\"]\npush = [\"*\"]\n"
         ),
     )?;
