@@ -90,8 +90,24 @@ impl Hlc {
         } else {
             Hlc {
                 wall_ms: self.wall_ms,
-                counter: self.counter + 1,
+                counter: self.counter,
             }
+            .next()
+        }
+    }
+
+    /// The reading right after this one (a full counter carries into the
+    /// wall clock, so a peer's stamp can never make the clock wrap).
+    fn next(self) -> Hlc {
+        match self.counter.checked_add(1) {
+            Some(c) => Hlc {
+                wall_ms: self.wall_ms,
+                counter: c,
+            },
+            None => Hlc {
+                wall_ms: self.wall_ms.saturating_add(1),
+                counter: 0,
+            },
         }
     }
 
@@ -99,16 +115,22 @@ impl Hlc {
     /// the result is greater than both `self` and `remote`.
     pub fn observe(self, remote: Hlc, now_ms: u64) -> Hlc {
         let wall = now_ms.max(self.wall_ms).max(remote.wall_ms);
-        let counter = match (wall == self.wall_ms, wall == remote.wall_ms) {
-            (true, true) => self.counter.max(remote.counter) + 1,
-            (true, false) => self.counter + 1,
-            (false, true) => remote.counter + 1,
-            (false, false) => 0,
+        let base = match (wall == self.wall_ms, wall == remote.wall_ms) {
+            (true, true) => self.counter.max(remote.counter),
+            (true, false) => self.counter,
+            (false, true) => remote.counter,
+            (false, false) => {
+                return Hlc {
+                    wall_ms: wall,
+                    counter: 0,
+                }
+            }
         };
         Hlc {
             wall_ms: wall,
-            counter,
+            counter: base,
         }
+        .next()
     }
 }
 
@@ -182,6 +204,21 @@ mod tests {
             counter: 0,
         };
         assert!(local.observe(far, 50) > far);
+    }
+
+    #[test]
+    fn a_full_counter_carries_into_the_wall_clock() {
+        let max = Hlc {
+            wall_ms: 5_000,
+            counter: u32::MAX,
+        };
+        let local = Hlc {
+            wall_ms: 4_000,
+            counter: 0,
+        };
+        let m = local.observe(max, 1_000);
+        assert!(m > max, "{m:?}");
+        assert!(max.tick(1_000) > max);
     }
 
     #[test]

@@ -441,6 +441,8 @@ pub struct Sync {
     actions: VecDeque<Action>,
     /// The latest `now` seen: timers at or before it have fired.
     now: u64,
+    /// Pulls of an image that failed in a row (the retry delay doubles).
+    failures: BTreeMap<String, u32>,
 }
 
 impl Sync {
@@ -471,6 +473,7 @@ impl Sync {
             reqs: BTreeMap::new(),
             actions: VecDeque::new(),
             now: 0,
+            failures: BTreeMap::new(),
         }
     }
 
@@ -913,7 +916,7 @@ impl Sync {
                 if t.have.is_some_and(|h| h >= stamp) {
                     // The peer's head is no newer than ours (its catalog was
                     // ahead of what it serves, or we changed meanwhile).
-                    self.finish_quietly(&image);
+                    self.finish_quietly(now, &image);
                     return;
                 }
                 if !base_known {
@@ -932,6 +935,13 @@ impl Sync {
             }
             Message::Error { code, message } => {
                 self.reqs.remove(&req);
+                if code == crate::wire::code::FORBIDDEN || code == crate::wire::code::NOT_FOUND {
+                    // The peer no longer offers it (deleted, or its policy
+                    // changed): forget its entry so others can be pulled from.
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.remote.remove(&image);
+                    }
+                }
                 self.abort(now, &image, format!("peer refused: {message} (code {code})"));
             }
             other => {
@@ -1141,6 +1151,7 @@ impl Sync {
                     },
                 );
                 self.forced.retain(|(i, _)| i != image);
+                self.failures.remove(image);
                 self.actions
                     .push_back(Action::ReleaseLease { image: image.into() });
                 self.actions.push_back(Action::Done {
@@ -1218,7 +1229,12 @@ impl Sync {
             self.actions
                 .push_back(Action::ReleaseLease { image: image.into() });
         }
-        let j = self.jitter();
+        // Failures in a row back off: 1, 2, 4, 8 times the jitter (an image
+        // held open for days is not pulled every few seconds).
+        let n = self.failures.entry(image.to_string()).or_default();
+        *n = n.saturating_add(1);
+        let mult = 1u64 << (*n - 1).min(3);
+        let j = self.jitter() * mult;
         self.retry_at.insert(image.into(), now + j);
         self.actions.push_back(Action::PullFailed {
             image: image.into(),
@@ -1233,7 +1249,10 @@ impl Sync {
     }
 
     /// End a pull that turned out to be unnecessary.
-    fn finish_quietly(&mut self, image: &str) {
+    fn finish_quietly(&mut self, now: u64, image: &str) {
+        // Not before the peer's catalog has had time to say something new.
+        let j = self.jitter();
+        self.retry_at.insert(image.into(), now + j);
         if self.transfers.remove(image).is_some() {
             self.actions
                 .push_back(Action::ReleaseLease { image: image.into() });

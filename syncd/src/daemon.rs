@@ -237,11 +237,13 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     };
     info!(node = %identity.id, listen = %cfg.listen, peers = peers.len(), control = %control_path.display(), "syncd ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let driver = tokio::spawn(driver.run(rx));
+    let mut driver = tokio::spawn(driver.run(rx));
     tokio::select! {
-        _ = driver => warn!("the driver stopped"),
+        _ = &mut driver => warn!("the driver stopped"),
         _ = shutdown => info!("shutting down"),
     }
+    driver.abort(); // no lease renewal after the leases are released below
+    let _ = driver.await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     endpoint.close(VarInt::from_u32(close::SHUTDOWN), b"shutdown");
     tasks.abort_all();
@@ -805,11 +807,22 @@ impl Driver {
     }
 }
 
+/// Largest reply accepted to one request (a map of a huge image is the
+/// largest legitimate one).
+const MAX_REPLY: usize = 2 << 30;
+
 /// One request on its own stream; the whole reply goes to the driver as one
 /// batch of events (so a block batch is stored with one sync), followed by
 /// a `Failed` that the state machine ignores if the reply was complete.
 async fn request(shared: Arc<Shared>, conn: Connection, peer: NodeId, req: ReqId, msg: Message) {
     let pl = shared.peer_label(&peer);
+    // A block reply has one frame per hash: nothing more is read. Frames go
+    // to the driver in batches (one pack sync per batch), at least once a
+    // second so slow links show progress before the request timeout.
+    let expect = match &msg {
+        Message::BlockRequest { hashes } => Some(hashes.len()),
+        _ => None,
+    };
     let r: Result<Vec<Message>, FrameError> = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| FrameError::Write(e.into()))?;
         let n = write_frame(&mut send, &msg).await?;
@@ -820,13 +833,32 @@ async fn request(shared: Arc<Shared>, conn: Connection, peer: NodeId, req: ReqId
             .inc_by(n as u64);
         let _ = send.finish();
         let mut frames = Vec::new();
+        let (mut count, mut total, mut last) = (0usize, 0usize, Instant::now());
         while let Some((m, n)) = read_frame(&mut recv).await? {
             shared
                 .metrics
                 .frame_bytes_received
                 .get_or_create(&pl)
                 .inc_by(n as u64);
+            count += 1;
+            total += n;
+            if total > MAX_REPLY {
+                return Err(FrameError::Decode(geosync_proto::wire::DecodeError::Invalid(
+                    "reply larger than the limit",
+                )));
+            }
             frames.push(m);
+            if expect == Some(count) {
+                break;
+            }
+            if last.elapsed() > Duration::from_secs(1) {
+                let evs = frames
+                    .drain(..)
+                    .map(|msg| Event::Frame { peer, req, msg })
+                    .collect();
+                let _ = shared.tx.send(Input::Events(evs));
+                last = Instant::now();
+            }
         }
         Ok(frames)
     }
@@ -1026,84 +1058,89 @@ async fn serve_stream(
         Err(FrameError::Read(_)) => return,
         Err(e) => return violation(e.to_string()),
     }
-    let mut out: Vec<Message> = Vec::new();
     if let Message::Hello { version, node } = &req {
-        if *version != PROTOCOL_VERSION {
-            out.push(Message::Error {
+        let reply = if *version != PROTOCOL_VERSION {
+            Message::Error {
                 code: code::VERSION,
                 message: format!("this node speaks protocol version {PROTOCOL_VERSION}, not {version}"),
-            });
+            }
         } else if *node != peer {
             return violation(format!("Hello names node {node} but its certificate is {peer}"));
         } else {
-            out.push(Message::Hello {
+            Message::Hello {
                 version: PROTOCOL_VERSION,
                 node: shared.me,
-            });
+            }
+        };
+        if send_frame(&shared, peer, &mut send, reply).await {
+            let _ = send.finish();
         }
-    } else {
-        let store = shared.store.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            let r = serve(&policy, &req, &store, &mut |m| out.push(m));
-            (r, out, req)
+        return;
+    }
+    // The reply streams from the store through a small channel: a request
+    // for many large blocks never sits in memory whole.
+    let (ftx, mut frx) = mpsc::channel::<Message>(4);
+    let store = shared.store.clone();
+    let kind = sync::kind_name(&req);
+    let task = tokio::task::spawn_blocking(move || {
+        serve(&policy, &req, &store, &mut |m| {
+            let _ = ftx.blocking_send(m);
         })
-        .await;
-        let Ok((r, frames, req)) = res else {
-            return;
-        };
-        match r {
-            Ok(Some(image)) => {
-                info!(%peer, %image, "peer offered an image (a move): pulling it now");
-                let _ = shared.tx.send(Input::Events(vec![Event::Force { image, peer }]));
-            }
-            Ok(None) => {}
-            Err(v) => return violation(v.0),
+    });
+    let mut ok = true;
+    while let Some(mut f) = frx.recv().await {
+        if !ok {
+            continue; // the stream failed: drain so the store side ends
         }
-        for f in &frames {
-            if let Message::Error { code, message } = f {
-                if *code == code::FORBIDDEN {
-                    warn!(%peer, request = sync::kind_name(&req), %message, "refused a request the peer's policy does not allow");
-                    shared.metrics.error("forbidden");
+        if let Message::Error { code, message } = &f {
+            if *code == code::FORBIDDEN {
+                warn!(%peer, request = kind, %message, "refused a request the peer's policy does not allow");
+                shared.metrics.error("forbidden");
+            }
+        }
+        if let (Some(n), Message::Block { payload, .. }) = (corrupt_hook(), &mut f) {
+            // Test hook: damage the first N blocks this daemon serves.
+            if CORRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                if let Some(b) = payload.first_mut() {
+                    *b ^= 0x55;
                 }
             }
         }
-        out = frames;
+        ok = send_frame(&shared, peer, &mut send, f).await;
     }
-    if let Some(n) = corrupt_hook() {
-        // Test hook: damage the first N blocks this daemon serves.
-        for f in &mut out {
-            if let Message::Block { payload, .. } = f {
-                if CORRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
-                    if let Some(b) = payload.first_mut() {
-                        *b ^= 0x55;
-                    }
-                }
-            }
+    match task.await {
+        Ok(Ok(Some(image))) => {
+            info!(%peer, %image, "peer offered an image (a move): pulling it now");
+            let _ = shared.tx.send(Input::Events(vec![Event::Force { image, peer }]));
         }
+        Ok(Ok(None)) => {}
+        Ok(Err(v)) => return violation(v.0),
+        Err(_) => return,
     }
-    for f in &out {
-        let n = {
-            let mut b = Vec::new();
-            f.encode(&mut b);
-            b.len()
-        };
-        shared.pace(peer, n).await;
-        match write_frame(&mut send, f).await {
-            Ok(n) => {
-                shared
-                    .metrics
-                    .frame_bytes_sent
-                    .get_or_create(&pl)
-                    .inc_by(n as u64);
-                if matches!(f, Message::Block { .. }) {
-                    shared.metrics.blocks_sent.get_or_create(&pl).inc();
-                }
-            }
-            Err(_) => return,
-        }
+    if ok {
+        let _ = send.finish();
     }
-    let _ = send.finish();
+}
+
+/// Send one reply frame, paced by the peer's bandwidth limit; false if the
+/// stream failed.
+async fn send_frame(shared: &Shared, peer: NodeId, send: &mut quinn::SendStream, f: Message) -> bool {
+    let mut b = Vec::new();
+    f.encode(&mut b);
+    shared.pace(peer, b.len()).await;
+    if send.write_all(&b).await.is_err() {
+        return false;
+    }
+    let pl = shared.peer_label(&peer);
+    shared
+        .metrics
+        .frame_bytes_sent
+        .get_or_create(&pl)
+        .inc_by(b.len() as u64);
+    if matches!(f, Message::Block { .. }) {
+        shared.metrics.blocks_sent.get_or_create(&pl).inc();
+    }
+    true
 }
 
 static CORRUPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

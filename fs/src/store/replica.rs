@@ -215,8 +215,16 @@ impl Store {
         let mut sealed = Vec::new();
         for b in blocks {
             let codec = Codec::from_u8(b.codec);
+            // Stored bytes are what a store would have written: raw blocks
+            // exactly their length, compressed ones shorter (a padded
+            // payload could verify yet make a record no reader accepts).
+            let sane = match codec {
+                Some(Codec::Raw) => b.payload.len() == b.raw_len as usize,
+                Some(Codec::Zstd) => b.payload.len() < b.raw_len as usize,
+                None => false,
+            };
             let good = match codec {
-                Some(c) if b.raw_len > 0 && b.raw_len <= pack::MAX_BLOCK => {
+                Some(c) if sane && b.raw_len > 0 && b.raw_len <= pack::MAX_BLOCK => {
                     pack::open(&b.payload, c, b.raw_len, &b.hash).is_ok()
                 }
                 _ => false,
@@ -312,8 +320,10 @@ impl Store {
             return Ok(ReplicaOutcome::Stale);
         }
         if let Some(row) = &current {
-            if let Err(Error::ImageBusy { .. }) = refuse_if_open(&tx, row) {
-                return Ok(ReplicaOutcome::Busy);
+            match refuse_if_open(&tx, row) {
+                Ok(()) => {}
+                Err(Error::ImageBusy { .. }) => return Ok(ReplicaOutcome::Busy),
+                Err(e) => return Err(e),
             }
         }
         // Every block the new version names must be here.

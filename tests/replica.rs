@@ -1,0 +1,134 @@
+//! The store's side of replication, without a network: received blocks are
+//! verified before they are kept (a padded payload that would verify but
+//! make an unreadable record is refused too), and a pulled version switches
+//! in one transaction, refusing an image open for writing or whose head moved.
+
+use geosync_fs::pack::{hash_block, seal, Compression, RECORD_HEADER_LEN};
+use geosync_fs::store::replica::{IncomingBlock, ReplicaOutcome};
+use geosync_fs::{InitOptions, Store};
+use geosync_proto::sync::ApplyPlan;
+use geosync_proto::wire::MapChange;
+use geosync_proto::{Hlc, NodeId, Stamp};
+
+#[test]
+fn received_blocks_are_verified_and_padded_payloads_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::init(t.path(), &InitOptions::default()).unwrap();
+    let raw: Vec<u8> = b"replica ".iter().cycle().take(65536).copied().collect();
+    let h = hash_block(&raw);
+    let z = seal(&raw, h, Compression::Zstd(3)).record[RECORD_HEADER_LEN..].to_vec();
+    // A zstd payload followed by a large skippable frame still decodes to
+    // the right bytes, but its record would be longer than any reader takes.
+    let mut padded = z.clone();
+    padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    padded.extend_from_slice(&70_000u32.to_le_bytes());
+    padded.extend(vec![0u8; 70_000]);
+    let mut flipped = raw.clone();
+    flipped[100] ^= 1;
+    let v = s
+        .put_stored(vec![
+            IncomingBlock {
+                hash: h,
+                codec: 1,
+                raw_len: 65536,
+                payload: padded,
+            },
+            IncomingBlock {
+                hash: h,
+                codec: 0,
+                raw_len: 65536,
+                payload: flipped,
+            },
+        ])
+        .unwrap();
+    assert_eq!(v, vec![false, false]);
+    assert_eq!(s.lacking(&[h]).unwrap(), vec![h], "nothing bad was kept");
+    let v = s
+        .put_stored(vec![IncomingBlock {
+            hash: h,
+            codec: 1,
+            raw_len: 65536,
+            payload: z,
+        }])
+        .unwrap();
+    assert_eq!(v, vec![true]);
+    assert!(s.lacking(&[h]).unwrap().is_empty());
+    assert_eq!(s.read_block(&h).unwrap(), raw);
+
+    // A version naming it switches in; one naming a missing block does not.
+    let stamp = Stamp {
+        hlc: Hlc {
+            wall_ms: 1_000,
+            counter: 0,
+        },
+        origin: NodeId([9; 16]),
+    };
+    let plan = ApplyPlan {
+        image: "vm".into(),
+        peer: NodeId([9; 16]),
+        stamp,
+        size: 4 * 65536,
+        base_known: false,
+        expect_local: None,
+        changes: vec![MapChange {
+            block: 2,
+            hash: Some(h.0),
+        }],
+        live: vec![(2, 3)],
+        keep_local_as: None,
+    };
+    assert_eq!(s.apply_replica(&plan).unwrap(), ReplicaOutcome::Applied(1));
+    let mut buf = vec![0u8; 65536];
+    s.open_image("vm").unwrap().read(2 * 65536, &mut buf).unwrap();
+    assert_eq!(buf, raw);
+    assert_eq!(
+        s.image_info("vm").unwrap().stamp,
+        stamp,
+        "the stamp travels unchanged"
+    );
+    // The head moved since the plan was made: stale, nothing changes.
+    assert_eq!(s.apply_replica(&plan).unwrap(), ReplicaOutcome::Stale);
+    // Open for writing: busy, nothing changes.
+    let mut w = s.open_image("vm").unwrap();
+    w.acquire().unwrap();
+    let newer = Stamp {
+        hlc: Hlc {
+            wall_ms: 2_000,
+            counter: 0,
+        },
+        ..stamp
+    };
+    let next = ApplyPlan {
+        stamp: newer,
+        expect_local: Some(stamp),
+        base_known: true,
+        changes: vec![],
+        live: vec![],
+        ..plan.clone()
+    };
+    assert_eq!(s.apply_replica(&next).unwrap(), ReplicaOutcome::Busy);
+    drop(w);
+    assert_eq!(s.apply_replica(&next).unwrap(), ReplicaOutcome::Applied(2));
+    assert_eq!(
+        s.image_info("vm").unwrap().referenced,
+        0,
+        "outside `live`, blocks became holes"
+    );
+    let missing = ApplyPlan {
+        stamp: Stamp {
+            hlc: Hlc {
+                wall_ms: 3_000,
+                counter: 0,
+            },
+            ..stamp
+        },
+        expect_local: Some(newer),
+        changes: vec![MapChange {
+            block: 0,
+            hash: Some([1; 32]),
+        }],
+        ..plan
+    };
+    assert!(s.apply_replica(&missing).is_err());
+    assert_eq!(s.image_info("vm").unwrap().stamp, newer);
+}
