@@ -68,20 +68,6 @@ CREATE TABLE map (
 CREATE INDEX map_live ON map(image, block) WHERE died IS NULL;
 CREATE INDEX map_born ON map(image, born);
 CREATE INDEX map_died ON map(image, died) WHERE died IS NOT NULL;
-CREATE TABLE IF NOT EXISTS history (
-    image INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    stamp_ms INTEGER NOT NULL,
-    stamp_ctr INTEGER NOT NULL,
-    origin BLOB NOT NULL,
-    PRIMARY KEY (image, version)
-) WITHOUT ROWID, STRICT;
-CREATE INDEX IF NOT EXISTS history_stamp ON history(image, stamp_ms);
-CREATE TABLE IF NOT EXISTS transfer_leases (
-    image TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    expires_ms INTEGER NOT NULL
-) WITHOUT ROWID, STRICT;
 CREATE TABLE snapshots (
     image INTEGER NOT NULL,
     name TEXT NOT NULL,

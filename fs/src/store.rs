@@ -287,6 +287,7 @@ impl Store {
         meta::configure(&conn)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(meta::SCHEMA)?;
+        tx.execute_batch(meta::MIGRATIONS)?;
         meta::set(&tx, "format_version", FORMAT_VERSION)?;
         meta::set(&tx, "block_size", bs as i64)?;
         meta::set(&tx, "compression", opts.compression.to_string())?;
@@ -1239,30 +1240,7 @@ impl Store {
         };
         let live_before = if row.quota.is_some() { count_live()? } else { 0 };
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO blocks(hash, pack, offset, stored_len, raw_len, codec)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            let mut ends: BTreeMap<PackId, u64> = BTreeMap::new();
-            for (hash, loc) in c.new_blocks {
-                ins.execute(params![
-                    &hash.0[..],
-                    loc.pack as i64,
-                    loc.offset as i64,
-                    loc.stored_len as i64,
-                    loc.raw_len as i64,
-                    loc.codec as i64
-                ])?;
-                let e = ends.entry(loc.pack).or_default();
-                *e = (*e).max(align_up(loc.end())); // batches end on a page boundary
-            }
-            let mut packs = tx.prepare_cached(
-                "INSERT INTO packs(id, committed_len) VALUES (?1, ?2)
-                 ON CONFLICT(id) DO UPDATE SET committed_len = MAX(committed_len, excluded.committed_len)",
-            )?;
-            for (pack, end) in ends {
-                packs.execute(params![pack as i64, end as i64])?;
-            }
+            index_records(&tx, c.new_blocks.iter().map(|(h, l)| (h, l)))?;
             if let Some(t) = c.trunc_from {
                 tx.execute(
                     "UPDATE map SET died = ?3 WHERE image = ?1 AND died IS NULL AND block >= ?2",
@@ -1501,6 +1479,39 @@ fn snapshot_row(conn: &Connection, image: &ImageRow, snap: &str) -> Result<Snaps
             image: image.name.clone(),
             snapshot: snap.into(),
         })
+}
+
+/// Index records whose packs are synced, and extend those packs'
+/// `committed_len` to cover them (batches end on a page boundary).
+pub(crate) fn index_records<'a>(
+    tx: &Transaction<'_>,
+    records: impl IntoIterator<Item = (&'a BlockHash, &'a BlockLoc)>,
+) -> Result<()> {
+    let mut ins = tx.prepare_cached(
+        "INSERT OR IGNORE INTO blocks(hash, pack, offset, stored_len, raw_len, codec)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut ends: BTreeMap<PackId, u64> = BTreeMap::new();
+    for (hash, loc) in records {
+        ins.execute(params![
+            &hash.0[..],
+            loc.pack as i64,
+            loc.offset as i64,
+            loc.stored_len as i64,
+            loc.raw_len as i64,
+            loc.codec as i64
+        ])?;
+        let e = ends.entry(loc.pack).or_default();
+        *e = (*e).max(align_up(loc.end()));
+    }
+    let mut packs = tx.prepare_cached(
+        "INSERT INTO packs(id, committed_len) VALUES (?1, ?2)
+         ON CONFLICT(id) DO UPDATE SET committed_len = MAX(committed_len, excluded.committed_len)",
+    )?;
+    for (pack, end) in ends {
+        packs.execute(params![pack as i64, end as i64])?;
+    }
+    Ok(())
 }
 
 /// Insert a new image at version 1 (fails if the name is taken); returns its id.

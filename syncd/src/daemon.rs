@@ -347,7 +347,10 @@ impl Driver {
     /// and lag.
     fn tick(&mut self) {
         let store = self.shared.store.clone();
-        for image in &self.leases {
+        self.ticks += 1;
+        // Leases of running pulls, every 10 s (a write transaction each).
+        let renew_due = self.ticks % 40 == 0;
+        for image in self.leases.iter().filter(|_| renew_due) {
             let r = tokio::task::block_in_place(|| {
                 store.try_transfer_lease(image, &self.holder, LEASE_MS, &|_| false)
             });
@@ -380,7 +383,6 @@ impl Driver {
             }
         }
         // Lag per image and peer, once a second (it walks every catalog).
-        self.ticks += 1;
         let lag_due = self.ticks % 4 == 1;
         for p in self.shared.peers.keys().filter(|_| lag_due) {
             if let Some(cat) = self.sm.remote_catalog(p) {

@@ -923,3 +923,57 @@ fn sd_notify_ready_then_clean_sigterm() {
     assert!(!control.exists(), "the control socket is removed on shutdown");
     assert!(fs::read_to_string(&a.log).unwrap().contains("stopped"));
 }
+
+/// `syncd run` refuses what would go wrong later, saying why: a second
+/// daemon on one store, a node listed as its own peer, a key that is not
+/// the store's; and a move to a node that is not a peer.
+#[test]
+fn syncd_refuses_bad_setups_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    let mut a = Site::new(t.path(), "a");
+    let b = Site::new(t.path(), "b");
+    let run = |cfg: &Path| {
+        let o = Command::new(SYNCD)
+            .arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    a.configure(&[peer(&b)], "");
+    a.start();
+    // Another daemon on the same store (another port, same control socket).
+    let second = t.path().join("second.toml");
+    let text = fs::read_to_string(&a.config)
+        .unwrap()
+        .replace(&format!(":{}\"", a.port), &format!(":{}\"", free_udp()))
+        .replace(&format!(":{}\"", a.metrics), &format!(":{}\"", free_tcp()));
+    fs::write(&second, text).unwrap();
+    let err = run(&second);
+    assert!(err.contains("another syncd is running"), "{err}");
+    // A move to a node that is not a peer.
+    let o = gs(&a.store, &["move", "x", "--to", &"0".repeat(32)]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a configured peer"));
+    a.stop();
+    // A node that lists itself.
+    let mut me = Site::new(t.path(), "c");
+    me.id = a.id.clone();
+    a.configure(&[peer(&me)], "");
+    let err = run(&a.config);
+    assert!(err.contains("lists itself"), "{err}");
+    // A store whose key was replaced by another node's.
+    fs::remove_dir_all(a.store.join("syncd")).unwrap();
+    let o = Command::new("cp")
+        .arg("-r")
+        .arg(b.store.join("syncd"))
+        .arg(a.store.join("syncd"))
+        .status()
+        .unwrap();
+    assert!(o.success());
+    a.configure(&[peer(&b)], "");
+    let err = run(&a.config);
+    assert!(err.contains("has node id") && err.contains("syncd init"), "{err}");
+}

@@ -26,7 +26,7 @@ use geosync_proto::wire::{CatalogEntry, Hash, MapChange};
 use rusqlite::{params, OptionalExtension};
 use tracing::info;
 
-use super::{image_row, refuse_if_open, snapshots_of, Store};
+use super::{image_row, index_records, refuse_if_open, snapshots_of, Store};
 use crate::meta;
 use crate::pack::{self, Codec, RecordHeader, Sealed, RECORD_HEADER_LEN};
 use crate::{validate_name, BlockHash, Error, Hlc, NodeId, Result, Stamp};
@@ -265,32 +265,7 @@ impl Store {
             self.sync_packs(packs.iter().copied())?;
             let mut db = self.db();
             let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            {
-                let mut ins = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO blocks(hash, pack, offset, stored_len, raw_len, codec)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
-                for (s, loc) in sealed.iter().zip(&locs) {
-                    ins.execute(params![
-                        &s.hash.0[..],
-                        loc.pack as i64,
-                        loc.offset as i64,
-                        loc.stored_len as i64,
-                        loc.raw_len as i64,
-                        loc.codec as i64
-                    ])?;
-                    let e = ends.entry(loc.pack).or_default();
-                    *e = (*e).max(pack::align_up(loc.end()));
-                }
-                let mut st = tx.prepare_cached(
-                    "INSERT INTO packs(id, committed_len) VALUES (?1, ?2)
-                     ON CONFLICT(id) DO UPDATE SET committed_len = MAX(committed_len, excluded.committed_len)",
-                )?;
-                for (pack, end) in ends {
-                    st.execute(params![pack as i64, end as i64])?;
-                }
-            }
+            index_records(&tx, sealed.iter().map(|s| &s.hash).zip(&locs))?;
             tx.commit()?;
             Ok(())
         })();
