@@ -17,7 +17,7 @@
 //! granularity.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use rayon::prelude::*;
 use rusqlite::OptionalExtension;
@@ -31,16 +31,20 @@ use crate::{BlockHash, Error, Result, Stamp, Store};
 /// Blocks hashed, compressed and appended together when sealing.
 const SEAL_CHUNK: usize = 256;
 
+/// Bytes of dirty blocks one [`SealJob`] takes.
+pub const SEAL_JOB_BYTES: usize = 8 << 20;
+
 /// Default bound of a handle's dirty set.
 pub const DEFAULT_DIRTY_LIMIT: usize = 256 << 20;
 
 /// An uncommitted block.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Dirty {
     /// All zeros: will become a hole.
     Zero,
-    /// Whole block contents (bytes past the image end are zero).
-    Data(Box<[u8]>),
+    /// Whole block contents (bytes past the image end are zero). Shared
+    /// with a [`SealJob`] while one seals it; a write then copies it first.
+    Data(Arc<[u8]>),
     /// An existing stored block, shared rather than copied (`copy_file_range`).
     /// The handle holds the stage gate while it has any, so GC keeps the block.
     Ref(BlockHash),
@@ -88,11 +92,23 @@ pub struct ImageHandle {
     dirty: BTreeMap<u64, Dirty>,
     dirty_bytes: usize,
     dirty_limit: usize,
+    /// Blocks a [`SealJob`] is sealing, under the generation it took them
+    /// at: read through until the job's result is applied (the dirty set,
+    /// where a block may have been written again since, comes first).
+    sealing: BTreeMap<u64, (u64, Dirty)>,
+    sealing_bytes: usize,
+    seal_gen: u64,
+    /// Bumped by every reset: results of jobs taken before it are dropped.
+    epoch: u64,
+    jobs: Arc<JobState>,
     staged: BTreeMap<u64, Staged>,
-    new_blocks: HashMap<BlockHash, BlockLoc>,
+    /// Blocks this handle appended and has not committed (not indexed yet).
+    /// Shared with its seal jobs, which skip what is already here.
+    new_blocks: Arc<Mutex<HashMap<BlockHash, BlockLoc>>>,
     touched: BTreeSet<PackId>,
     trunc_from: Option<u64>,
-    guard: Option<StageGuard>,
+    /// The stage gate (GC waits): shared with seal jobs in flight.
+    guard: Option<Arc<StageGuard>>,
     lease: Option<WriterLease>,
     /// Read-only view of this committed version (a snapshot) instead of the head.
     view: Option<u64>,
@@ -106,8 +122,145 @@ pub struct ImageHandle {
 
 impl Drop for ImageHandle {
     fn drop(&mut self) {
+        // Jobs in flight hold pins on the packs they wrote: wait, then drop them.
+        for (_, r) in self.jobs.wait_all() {
+            if let Ok(out) = r {
+                self.store.unpin_packs(out.pinned);
+            }
+        }
         self.store.unpin_packs(std::mem::take(&mut self.touched));
     }
+}
+
+/// Seal jobs of one handle: how many are running, and results not yet applied.
+#[derive(Debug, Default)]
+struct JobState {
+    state: Mutex<(usize, Vec<JobResult>)>,
+    done: Condvar,
+}
+
+impl JobState {
+    fn start(&self) {
+        self.state.lock().unwrap().0 += 1;
+    }
+
+    fn finish(&self, r: JobResult) {
+        let mut st = self.state.lock().unwrap();
+        st.0 -= 1;
+        st.1.push(r);
+        self.done.notify_all();
+    }
+
+    /// Results so far (jobs may still run).
+    fn take(&self) -> Vec<JobResult> {
+        std::mem::take(&mut self.state.lock().unwrap().1)
+    }
+
+    /// Wait until no job runs; every result.
+    fn wait_all(&self) -> Vec<JobResult> {
+        let mut st = self.state.lock().unwrap();
+        while st.0 > 0 {
+            st = self.done.wait(st).unwrap();
+        }
+        std::mem::take(&mut st.1)
+    }
+}
+
+/// A job's result, with the handle's epoch when it was taken.
+type JobResult = (u64, Result<SealOutput>);
+
+/// What a seal job did: each block's name (`None`: a hole) under the
+/// generation it was taken at, the records it appended, and the packs it
+/// pinned (the handle takes the pins over, or releases them).
+#[derive(Debug)]
+struct SealOutput {
+    blocks: Vec<(u64, u64, Option<BlockHash>)>,
+    appended: Vec<(BlockHash, BlockLoc)>,
+    pinned: Vec<PackId>,
+}
+
+/// Dirty blocks taken from an [`ImageHandle`] to be hashed, compressed and
+/// appended without holding the handle: the mount runs jobs while other
+/// requests go on writing. Nothing becomes visible until the handle applies
+/// the result (at its next change or commit; a commit waits for its jobs).
+#[derive(Debug)]
+pub struct SealJob {
+    store: Store,
+    epoch: u64,
+    blocks: Vec<(u64, u64, Dirty)>,
+    known: Arc<Mutex<HashMap<BlockHash, BlockLoc>>>,
+    jobs: Arc<JobState>,
+    _gate: Arc<StageGuard>,
+}
+
+impl SealJob {
+    /// Do the work; the handle picks up the result.
+    pub fn run(self) {
+        let r = seal_blocks(&self.store, &self.known, &self.blocks);
+        self.jobs.finish((self.epoch, r));
+    }
+}
+
+/// Hash the blocks, drop zeros, and compress and append those neither the
+/// store nor `known` has (in parallel).
+fn seal_blocks(
+    store: &Store,
+    known: &Mutex<HashMap<BlockHash, BlockLoc>>,
+    blocks: &[(u64, u64, Dirty)],
+) -> Result<SealOutput> {
+    let named: Vec<(u64, u64, Option<BlockHash>)> = blocks
+        .par_iter()
+        .map(|(block, gen, d)| {
+            let h = match d {
+                Dirty::Zero => None,
+                Dirty::Data(data) if is_zero(data) => None,
+                Dirty::Data(data) => Some(pack::hash_block(data)),
+                Dirty::Ref(h) => Some(*h), // already stored, kept by the gate
+            };
+            (*block, *gen, h)
+        })
+        .collect();
+    let mut to_seal: Vec<(BlockHash, &Arc<[u8]>)> = Vec::new();
+    {
+        let known = known.lock().unwrap();
+        let mut seen: HashSet<BlockHash> = HashSet::new();
+        for ((_, _, h), (_, _, d)) in named.iter().zip(blocks) {
+            if let (Some(h), Dirty::Data(data)) = (h, d) {
+                if !known.contains_key(h) && seen.insert(*h) {
+                    to_seal.push((*h, data));
+                }
+            }
+        }
+    }
+    let mut lacking = Vec::with_capacity(to_seal.len());
+    for (h, data) in to_seal {
+        if !store.has_block(&h)? {
+            lacking.push((h, data));
+        }
+    }
+    let mut out = SealOutput {
+        blocks: named,
+        appended: Vec::new(),
+        pinned: Vec::new(),
+    };
+    if lacking.is_empty() {
+        return Ok(out);
+    }
+    let compression = store.config().compression;
+    let sealed: Vec<pack::Sealed> = lacking
+        .par_iter()
+        .map(|(h, data)| pack::seal_shared(data, *h, compression))
+        .collect();
+    let r = store.append_pinned(&sealed, &mut out.pinned);
+    let locs = match r {
+        Ok(l) => l,
+        Err(e) => {
+            store.unpin_packs(std::mem::take(&mut out.pinned));
+            return Err(e);
+        }
+    };
+    out.appended = sealed.iter().map(|s| s.hash).zip(locs).collect();
+    Ok(out)
 }
 
 /// Entries of the committed-map cache before it is cleared (bounds memory).
@@ -123,8 +276,13 @@ impl ImageHandle {
             dirty: BTreeMap::new(),
             dirty_bytes: 0,
             dirty_limit: DEFAULT_DIRTY_LIMIT,
+            sealing: BTreeMap::new(),
+            sealing_bytes: 0,
+            seal_gen: 0,
+            epoch: 0,
+            jobs: Arc::default(),
             staged: BTreeMap::new(),
-            new_blocks: HashMap::new(),
+            new_blocks: Arc::default(),
             touched: BTreeSet::new(),
             trunc_from: None,
             guard: None,
@@ -201,6 +359,7 @@ impl ImageHandle {
     /// Whether there are uncommitted changes.
     pub fn is_dirty(&self) -> bool {
         !self.dirty.is_empty()
+            || !self.sealing.is_empty()
             || !self.staged.is_empty()
             || self.size != self.row.size
             || self.trunc_from.is_some()
@@ -263,9 +422,17 @@ impl ImageHandle {
         self.committed_hash(block)
     }
 
+    /// The uncommitted content of a block: the dirty set, then blocks being sealed.
+    fn overlay(&self, block: u64) -> Option<&Dirty> {
+        self.dirty
+            .get(&block)
+            .or_else(|| self.sealing.get(&block).map(|(_, d)| d))
+    }
+
     fn read_hash(&self, hash: &BlockHash, block: u64) -> Result<Vec<u8>> {
-        let r = match self.new_blocks.get(hash) {
-            Some(loc) => self.store.read_record(hash, loc),
+        let loc = self.new_blocks.lock().unwrap().get(hash).copied();
+        let r = match loc {
+            Some(loc) => self.store.read_record(hash, &loc),
             None => self.store.read_block(hash),
         };
         r.map_err(|e| e.at_block(&self.row.name, block))
@@ -273,7 +440,7 @@ impl ImageHandle {
 
     /// Full contents of a block (zeros for a hole).
     fn block_contents(&self, block: u64) -> Result<Vec<u8>> {
-        match self.dirty.get(&block) {
+        match self.overlay(block) {
             Some(Dirty::Zero) => return Ok(vec![0; self.bs as usize]),
             Some(Dirty::Data(d)) => return Ok(d.to_vec()),
             Some(Dirty::Ref(h)) => {
@@ -306,7 +473,7 @@ impl ImageHandle {
             let within = (pos % self.bs) as usize;
             let n = (self.bs as usize - within).min(len - done);
             let out = &mut buf[done..done + n];
-            match self.dirty.get(&block) {
+            match self.overlay(block) {
                 Some(Dirty::Data(d)) => out.copy_from_slice(&d[within..within + n]),
                 Some(Dirty::Zero) => out.fill(0),
                 Some(Dirty::Ref(h)) => {
@@ -337,7 +504,7 @@ impl ImageHandle {
         if block >= self.nblocks() {
             return Ok(false);
         }
-        Ok(match self.dirty.get(&block) {
+        Ok(match self.overlay(block) {
             Some(Dirty::Zero) => false,
             Some(Dirty::Data(d)) => !is_zero(d),
             Some(Dirty::Ref(_)) => true,
@@ -386,6 +553,7 @@ impl ImageHandle {
                 .map(|(b, _)| *b)
                 .next()
                 .into_iter()
+                .chain(self.sealing.range(from..).map(|(b, _)| *b).next())
                 .chain(self.staged.range(from..).map(|(b, _)| *b).next())
                 .min();
             let cand = match (db_next, ov_next) {
@@ -475,7 +643,13 @@ impl ImageHandle {
             }
         };
         let mut n = committed;
-        let overlay: BTreeSet<u64> = self.dirty.keys().chain(self.staged.keys()).copied().collect();
+        let overlay: BTreeSet<u64> = self
+            .dirty
+            .keys()
+            .chain(self.sealing.keys())
+            .chain(self.staged.keys())
+            .copied()
+            .collect();
         for b in overlay {
             let was = b < limit && self.committed_hash(b)?.is_some();
             n += self.is_data(b)? as i64 - was as i64;
@@ -505,18 +679,25 @@ impl ImageHandle {
 
     // -------------------------------------------------------------- writing
 
+    fn alloc_known(&self) -> bool {
+        self.alloc.lock().unwrap().is_some()
+    }
+
+    fn alloc_adjust(&self, was: bool, now: bool) {
+        if let Some(n) = self.alloc.lock().unwrap().as_mut() {
+            *n = (*n + now as u64).saturating_sub(was as u64);
+        }
+    }
+
     fn set_dirty(&mut self, block: u64, d: Dirty) -> Result<()> {
-        let known = self.alloc.lock().unwrap().is_some();
-        if known {
+        if self.alloc_known() {
             let was = self.is_data(block)?;
             let now = match &d {
                 Dirty::Zero => false,
                 Dirty::Data(b) => !is_zero(b),
                 Dirty::Ref(_) => true,
             };
-            if let Some(n) = self.alloc.lock().unwrap().as_mut() {
-                *n = (*n + now as u64).saturating_sub(was as u64);
-            }
+            self.alloc_adjust(was, now);
         }
         let add = matches!(d, Dirty::Data(_)) as usize * self.bs as usize;
         if let Some(Dirty::Data(_)) = self.dirty.insert(block, d) {
@@ -526,9 +707,14 @@ impl ImageHandle {
         Ok(())
     }
 
-    /// Bytes of whole blocks held in memory.
+    /// Bytes of whole blocks held in memory (dirty, or being sealed).
     pub fn dirty_bytes(&self) -> usize {
-        self.dirty_bytes
+        self.dirty_bytes + self.sealing_bytes
+    }
+
+    /// Bytes of uncommitted blocks, sealed or not: what the next commit writes.
+    pub fn pending_bytes(&self) -> usize {
+        self.dirty_bytes + self.sealing_bytes + self.staged.len() * self.bs as usize
     }
 
     /// Write `data` at `offset`, growing the image if it ends past the end.
@@ -550,18 +736,28 @@ impl ImageHandle {
             let block = pos / self.bs;
             let within = (pos % self.bs) as usize;
             let n = (self.bs as usize - within).min(data.len() - done);
-            let contents: Box<[u8]> = if n == self.bs as usize {
-                data[done..done + n].into()
-            } else {
-                let mut b: Box<[u8]> = match self.dirty.get(&block) {
-                    Some(Dirty::Data(d)) => d.clone(),
-                    _ => self.block_contents(block)?.into(),
-                };
-                b[within..within + n].copy_from_slice(&data[done..done + n]);
-                b
-            };
-            self.set_dirty(block, Dirty::Data(contents))?;
+            let part = &data[done..done + n];
             done += n;
+            if n == self.bs as usize {
+                self.set_dirty(block, Dirty::Data(part.into()))?;
+                continue;
+            }
+            // A partial write into a dirty block changes it in place (unless a
+            // seal job holds it: then it is copied first).
+            if let Some(Dirty::Data(d)) = self.dirty.get_mut(&block) {
+                let known = self.alloc.lock().unwrap().is_some();
+                let was = known && !is_zero(d);
+                let b = Arc::make_mut(d);
+                b[within..within + n].copy_from_slice(part);
+                if known {
+                    let now = !is_zero(b);
+                    self.alloc_adjust(was, now);
+                }
+                continue;
+            }
+            let mut b = self.block_contents(block)?;
+            b[within..within + n].copy_from_slice(part);
+            self.set_dirty(block, Dirty::Data(b.into()))?;
         }
         if self.dirty_bytes > self.dirty_limit {
             self.seal_or_reset()?;
@@ -628,6 +824,11 @@ impl ImageHandle {
                 self.dirty_bytes -= self.bs as usize;
             }
         }
+        for (_, (_, d)) in self.sealing.split_off(&nb) {
+            if let Dirty::Data(_) = d {
+                self.sealing_bytes -= self.bs as usize;
+            }
+        }
         self.staged.split_off(&nb);
         self.trunc_from = Some(self.trunc_from.map_or(nb, |t| t.min(nb)));
         *self.alloc.lock().unwrap() = None; // recounted when next asked
@@ -648,14 +849,130 @@ impl ImageHandle {
     fn reset(&mut self) {
         self.dirty.clear();
         self.dirty_bytes = 0;
+        self.sealing.clear();
+        self.sealing_bytes = 0;
+        self.epoch += 1; // results of jobs still running are dropped
         self.staged.clear();
-        self.new_blocks.clear();
+        self.new_blocks.lock().unwrap().clear();
         self.shared.clear();
         self.store.unpin_packs(std::mem::take(&mut self.touched));
         self.trunc_from = None;
         self.size = self.row.size;
         self.guard = None;
         *self.alloc.lock().unwrap() = None;
+    }
+
+    /// Take up to `max_blocks` dirty blocks (lowest first) into a job.
+    fn take_job(&mut self, max_blocks: usize) -> Result<SealJob> {
+        let gate = match &self.guard {
+            Some(g) => g.clone(),
+            None => {
+                let g = Arc::new(self.store.stage_enter()?);
+                self.guard = Some(g.clone());
+                g
+            }
+        };
+        self.seal_gen += 1;
+        let gen = self.seal_gen;
+        let bs = self.bs as usize;
+        let keys: Vec<u64> = self.dirty.keys().take(max_blocks).copied().collect();
+        let mut blocks = Vec::with_capacity(keys.len());
+        for k in keys {
+            let d = self.dirty.remove(&k).unwrap();
+            if let Dirty::Data(_) = d {
+                self.dirty_bytes -= bs;
+                self.sealing_bytes += bs;
+            }
+            if let Some((_, Dirty::Data(_))) = self.sealing.insert(k, (gen, d.clone())) {
+                self.sealing_bytes -= bs;
+            }
+            blocks.push((k, gen, d));
+        }
+        self.jobs.start();
+        Ok(SealJob {
+            store: self.store.clone(),
+            epoch: self.epoch,
+            blocks,
+            known: self.new_blocks.clone(),
+            jobs: self.jobs.clone(),
+            _gate: gate,
+        })
+    }
+
+    /// A job sealing dirty blocks outside this handle, when at least
+    /// `min_bytes` of them wait (first applying what finished jobs did).
+    /// Run it with [`SealJob::run`] on any thread.
+    pub fn seal_job(&mut self, min_bytes: usize) -> Result<Option<SealJob>> {
+        self.check_writable()?;
+        self.apply_jobs(self.jobs.take())?;
+        if self.dirty_bytes < min_bytes.max(1) {
+            return Ok(None);
+        }
+        Ok(Some(self.take_job((SEAL_JOB_BYTES / self.bs as usize).max(1))?))
+    }
+
+    /// Apply finished jobs' results. On a job's error the uncommitted
+    /// changes are dropped (as for a failed commit) and the error returned.
+    fn apply_jobs(&mut self, results: Vec<JobResult>) -> Result<()> {
+        let mut err = None;
+        for (epoch, r) in results {
+            match r {
+                Ok(out) if epoch == self.epoch && err.is_none() => self.apply_output(out)?,
+                Ok(out) => self.store.unpin_packs(out.pinned),
+                Err(e) if epoch == self.epoch => {
+                    err.get_or_insert(e);
+                }
+                Err(_) => {} // taken before a reset: already dropped
+            }
+        }
+        match err {
+            Some(e) => {
+                self.reset();
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn apply_output(&mut self, out: SealOutput) -> Result<()> {
+        {
+            let mut nb = self.new_blocks.lock().unwrap();
+            for (h, loc) in out.appended {
+                nb.entry(h).or_insert(loc);
+            }
+        }
+        for p in out.pinned {
+            if !self.touched.insert(p) {
+                self.store.unpin_packs([p]); // this handle pins it already
+            }
+        }
+        for (block, gen, hash) in out.blocks {
+            // Written again, truncated or sealed by a later job since: not ours to apply.
+            if self.sealing.get(&block).map(|(g, _)| *g) != Some(gen) {
+                continue;
+            }
+            if let Some((_, Dirty::Data(_))) = self.sealing.remove(&block) {
+                self.sealing_bytes -= self.bs as usize;
+            }
+            let in_base = self.trunc_from.is_none_or(|t| block < t);
+            let committed = if in_base {
+                self.committed_hash(block)?
+            } else {
+                None
+            };
+            match hash {
+                None if committed.is_some() => {
+                    self.staged.insert(block, Staged::Hole);
+                }
+                Some(h) if committed != Some(h) => {
+                    self.staged.insert(block, Staged::Block(h));
+                }
+                _ => {
+                    self.staged.remove(&block);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn seal_or_reset(&mut self) -> Result<()> {
@@ -666,88 +983,14 @@ impl ImageHandle {
         r
     }
 
-    /// Hash, compress and append the dirty blocks; nothing becomes visible.
+    /// Hash, compress and append the dirty blocks here and now; nothing
+    /// becomes visible. Jobs running elsewhere are not waited for.
     fn seal(&mut self) -> Result<()> {
-        if self.dirty.is_empty() {
-            return Ok(());
-        }
-        if self.guard.is_none() {
-            self.guard = Some(self.store.stage_enter()?);
-        }
+        self.apply_jobs(self.jobs.take())?;
         // In chunks, so sealing needs little memory beyond the dirty set itself.
         while !self.dirty.is_empty() {
-            let keys: Vec<u64> = self.dirty.keys().take(SEAL_CHUNK).copied().collect();
-            let chunk: BTreeMap<u64, Dirty> = keys
-                .into_iter()
-                .map(|k| (k, self.dirty.remove(&k).unwrap()))
-                .collect();
-            let bytes = chunk.values().filter(|d| matches!(d, Dirty::Data(_))).count() * self.bs as usize;
-            self.dirty_bytes -= bytes;
-            self.seal_chunk(chunk)?;
-        }
-        Ok(())
-    }
-
-    fn seal_chunk(&mut self, dirty: BTreeMap<u64, Dirty>) -> Result<()> {
-        let hashed: Vec<(u64, Option<BlockHash>, Option<Box<[u8]>>)> = dirty
-            .into_par_iter()
-            .map(|(block, d)| match d {
-                Dirty::Zero => (block, None, None),
-                Dirty::Data(data) if is_zero(&data) => (block, None, None),
-                Dirty::Data(data) => (block, Some(pack::hash_block(&data)), Some(data)),
-                Dirty::Ref(h) => (block, Some(h), None), // already stored, kept by the gate
-            })
-            .collect();
-        let mut to_seal: Vec<(BlockHash, Box<[u8]>)> = Vec::new();
-        let mut seen: HashSet<BlockHash> = HashSet::new();
-        for (block, hash, data) in hashed {
-            let in_base = self.trunc_from.is_none_or(|t| block < t);
-            let committed = if in_base {
-                self.committed_hash(block)?
-            } else {
-                None
-            };
-            match hash {
-                None => {
-                    if committed.is_some() {
-                        self.staged.insert(block, Staged::Hole);
-                    } else {
-                        self.staged.remove(&block);
-                    }
-                }
-                Some(h) => {
-                    if committed == Some(h) {
-                        self.staged.remove(&block);
-                        continue;
-                    }
-                    self.staged.insert(block, Staged::Block(h));
-                    if let Some(data) = data {
-                        if !self.new_blocks.contains_key(&h)
-                            && !seen.contains(&h)
-                            && !self.store.has_block(&h)?
-                        {
-                            seen.insert(h);
-                            to_seal.push((h, data));
-                        }
-                    }
-                }
-            }
-        }
-        if to_seal.is_empty() {
-            return Ok(());
-        }
-        let compression = self.store.config().compression;
-        let sealed: Vec<pack::Sealed> = to_seal
-            .par_iter()
-            .map(|(h, data)| pack::seal(data, *h, compression))
-            .collect();
-        drop(to_seal);
-        let locs = self.store.append_batch(&sealed)?;
-        for (s, loc) in sealed.iter().zip(locs) {
-            if self.touched.insert(loc.pack) {
-                self.store.pin_pack(loc.pack);
-            }
-            self.new_blocks.insert(s.hash, loc);
+            self.take_job(SEAL_CHUNK)?.run();
+            self.apply_jobs(self.jobs.take())?;
         }
         Ok(())
     }
@@ -766,6 +1009,7 @@ impl ImageHandle {
     }
 
     fn try_commit(&mut self) -> Result<CommitInfo> {
+        self.apply_jobs(self.jobs.wait_all())?;
         self.seal()?;
         // A commit does not change what the image holds: the allocation stays valid.
         let alloc = *self.alloc.lock().unwrap();
@@ -779,6 +1023,7 @@ impl ImageHandle {
             });
         }
         self.store.sync_packs(self.touched.iter().copied())?;
+        let new_blocks = self.new_blocks.lock().unwrap().clone();
         let (version, stamp) = self.store.apply_commit(&CommitRequest {
             image_id: self.row.id,
             name: &self.row.name,
@@ -786,7 +1031,7 @@ impl ImageHandle {
             size: self.size,
             trunc_from: self.trunc_from,
             staged: &self.staged,
-            new_blocks: &self.new_blocks,
+            new_blocks: &new_blocks,
             shared: &self.shared,
         })?;
         self.row.version = version;
@@ -826,15 +1071,15 @@ impl ImageHandle {
     pub fn block_sources(&self, blocks: std::ops::Range<u64>) -> Result<Vec<BlockSource>> {
         blocks
             .map(|b| {
-                Ok(match self.dirty.get(&b) {
+                Ok(match self.overlay(b) {
                     Some(Dirty::Zero) => BlockSource::Hole,
-                    Some(Dirty::Data(d)) => BlockSource::Bytes(d.clone()),
+                    Some(Dirty::Data(d)) => BlockSource::Bytes(d[..].into()),
                     Some(Dirty::Ref(h)) => BlockSource::Stored(*h),
                     None => match self.base_state(b)? {
                         None => BlockSource::Hole,
                         // Sealed by this handle but not committed: not indexed yet,
                         // and gone if this handle's commit fails: copy the bytes.
-                        Some(h) if self.new_blocks.contains_key(&h) => {
+                        Some(h) if self.new_blocks.lock().unwrap().contains_key(&h) => {
                             BlockSource::Bytes(self.block_contents(b)?.into())
                         }
                         Some(h) => BlockSource::Stored(h),
@@ -851,7 +1096,7 @@ impl ImageHandle {
         self.ensure_lease()?;
         self.check_quota(first..first + sources.len() as u64)?;
         if self.guard.is_none() {
-            self.guard = Some(self.store.stage_enter()?);
+            self.guard = Some(Arc::new(self.store.stage_enter()?));
         }
         if size_at_least > self.size {
             self.size = size_at_least;
@@ -863,7 +1108,7 @@ impl ImageHandle {
                     self.shared.insert(h);
                     Dirty::Ref(h)
                 }
-                BlockSource::Bytes(b) => Dirty::Data(b),
+                BlockSource::Bytes(b) => Dirty::Data(b.into()),
             };
             self.set_dirty(first + i as u64, d)?;
         }

@@ -522,6 +522,18 @@ impl Store {
     /// Append sealed blocks; returns their locations. The bytes are not
     /// durable until [`Store::sync_packs`].
     pub(crate) fn append_batch(&self, sealed: &[Sealed]) -> Result<Vec<BlockLoc>> {
+        self.append(sealed, None)
+    }
+
+    /// Like [`Store::append_batch`], and pins every pack written to (once per
+    /// pack, listed in `pinned`) before the writer lock is released, so no
+    /// switch to a new pack can give up a claim the records still need. The
+    /// caller unpins them.
+    pub(crate) fn append_pinned(&self, sealed: &[Sealed], pinned: &mut Vec<PackId>) -> Result<Vec<BlockLoc>> {
+        self.append(sealed, Some(pinned))
+    }
+
+    fn append(&self, sealed: &[Sealed], mut pinned: Option<&mut Vec<PackId>>) -> Result<Vec<BlockLoc>> {
         let mut w = self.inner.writer.lock().unwrap();
         let mut locs = Vec::with_capacity(sealed.len());
         let mut i = 0;
@@ -541,6 +553,12 @@ impl Store {
                     (id, PACK_DATA_START)
                 }
             };
+            if let Some(p) = pinned.as_deref_mut() {
+                if !p.contains(&id) {
+                    p.push(id);
+                    *w.users.entry(id).or_default() += 1;
+                }
+            }
             let mut parts: Vec<&[u8]> = Vec::new();
             let mut off = start;
             while i < sealed.len() && (off < PACK_TARGET_SIZE || parts.is_empty()) {
@@ -552,8 +570,8 @@ impl Store {
                     raw_len: s.raw_len,
                     codec: s.codec,
                 });
-                parts.push(&s.record);
-                off += s.record.len() as u64;
+                parts.extend(s.parts());
+                off += s.len() as u64;
                 i += 1;
             }
             // One page-aligned, zero-padded write (O_DIRECT where the disk allows),
@@ -572,7 +590,7 @@ impl Store {
             buf.as_mut_slice()[at..].fill(0);
             let off = align_up(off);
             let r = self.inner.packs.append(id, buf.as_slice());
-            if buf.capacity() <= REUSED_BUF {
+            if buf.capacity() <= REUSED_BUF + pack::PACK_ALIGN as usize {
                 w.buf = Some(buf);
             }
             if let Err(e) = r {

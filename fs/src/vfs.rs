@@ -39,6 +39,9 @@ pub const SNAP_ROOT_INO: u64 = 2;
 /// Name of the snapshots directory.
 pub const SNAP_DIR: &str = ".snapshots";
 
+/// Dirty bytes of an open image that start a seal job.
+const SEAL_AT: usize = crate::image::SEAL_JOB_BYTES;
+
 /// Mount settings.
 #[derive(Clone, Debug)]
 pub struct VfsConfig {
@@ -473,17 +476,24 @@ impl Vfs {
         if since.is_none() {
             *since = Some(Instant::now());
         }
-        Ok(h.dirty_bytes() >= self.cfg.dirty_limit)
+        Ok(h.pending_bytes() >= self.cfg.dirty_limit)
     }
 
-    /// Write `data` at `offset`.
+    /// Write `data` at `offset`. Once enough dirty blocks wait, the writer
+    /// that finds them seals a batch (hash, compress, append) after letting
+    /// go of the image, so other requests keep writing meanwhile.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (_, o) = self.file(fh)?;
-        let full = {
+        let (full, job) = {
             let mut h = o.handle.write().unwrap();
             h.write(offset, data)?;
-            self.mark_dirty(&o, &h)?
+            let full = self.mark_dirty(&o, &h)?;
+            let job = if full { None } else { h.seal_job(SEAL_AT)? };
+            (full, job)
         };
+        if let Some(job) = job {
+            job.run(); // its error, if any, comes back from the next write or commit
+        }
         if full {
             self.commit_open(&o)?;
         }

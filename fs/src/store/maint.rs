@@ -222,6 +222,7 @@ impl Store {
             sealed.push(Sealed {
                 hash: *hash,
                 record: rec,
+                shared: None,
                 raw_len: loc.raw_len,
                 stored_len: loc.stored_len,
                 codec: loc.codec,

@@ -246,6 +246,7 @@ impl Store {
             sealed.push(Sealed {
                 hash: b.hash,
                 record,
+                shared: None,
                 raw_len: b.raw_len,
                 stored_len: header.stored_len,
                 codec,
