@@ -132,6 +132,12 @@ pub enum Op {
     },
     /// Power loss: uncommitted changes and unsynced pack bytes are lost; reopen.
     Crash,
+    /// Take the slot's dirty blocks into a seal job and run it only after
+    /// the next operation (which may write the same blocks again).
+    SealJob {
+        /// Slot.
+        img: usize,
+    },
 }
 
 fn fill() -> impl Strategy<Value = Fill> {
@@ -148,6 +154,10 @@ pub fn op(faults: bool) -> impl Strategy<Value = Op> {
     let base = prop_oneof![
         8 => (img.clone(), 0..MAX_SIZE, 1..(3 * BS as usize), fill())
             .prop_map(|(img, offset, len, fill)| Op::Write { img, offset, len, fill }),
+        // Sector-aligned, as a block device writes (merged with old contents later).
+        6 => (img.clone(), 0..MAX_SIZE / 512, 1..(3 * BS as usize / 512), fill()).prop_map(
+            |(img, sector, n, fill)| Op::Write { img, offset: sector * 512, len: n * 512, fill }
+        ),
         3 => (img.clone(), 0..MAX_SIZE, 1..(6 * BS)).prop_map(|(img, offset, len)| Op::Punch { img, offset, len }),
         2 => (img.clone(), 0..MAX_SIZE).prop_map(|(img, size)| Op::Resize { img, size }),
         2 => (img.clone(), img.clone(), 0..MAX_SIZE / BS, 0..MAX_SIZE / BS, 1..4u64)
@@ -158,6 +168,7 @@ pub fn op(faults: bool) -> impl Strategy<Value = Op> {
         1 => (img.clone(), img.clone()).prop_map(|(src, dst)| Op::Clone { src, dst }),
         1 => (img.clone(), any::<usize>()).prop_map(|(img, which)| Op::DeleteSnapshot { img, which }),
         1 => Just(Op::Gc),
+        2 => img.clone().prop_map(|img| Op::SealJob { img }),
     ];
     if faults {
         prop_oneof![

@@ -6,7 +6,7 @@
 //! Size with `GEOSYNC_PROPTEST_CASES` (default 24 cases per backend).
 
 use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
-use geosync_fs::{ImageHandle, InitOptions, OpenMode, Store};
+use geosync_fs::{ImageHandle, InitOptions, OpenMode, SealJob, Store};
 use geosync_suite::model::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -23,6 +23,17 @@ struct Sut {
     handles: Vec<Option<ImageHandle>>,
     model: Vec<Option<ModelImage>>,
     snaps: usize,
+    /// A seal job taken and not run yet.
+    job: Option<SealJob>,
+}
+
+impl Drop for Sut {
+    fn drop(&mut self) {
+        // Before the handles, which wait for their jobs.
+        if let Some(j) = self.job.take() {
+            j.run();
+        }
+    }
 }
 
 fn opts() -> InitOptions {
@@ -50,6 +61,7 @@ impl Sut {
             handles: (0..SLOTS).map(|_| None).collect(),
             model: vec![None; SLOTS],
             snaps: 0,
+            job: None,
         };
         s.reopen();
         s
@@ -100,6 +112,23 @@ impl Sut {
     }
 
     fn apply(&mut self, op: &Op) {
+        // A job taken by the previous step runs after this step if it only
+        // changes bytes (it may overwrite what the job holds), else first.
+        let changes_bytes = matches!(op, Op::Write { .. } | Op::Punch { .. } | Op::Resize { .. });
+        if !changes_bytes {
+            if let Some(j) = self.job.take() {
+                j.run();
+            }
+        }
+        self.apply_op(op);
+        if changes_bytes {
+            if let Some(j) = self.job.take() {
+                j.run();
+            }
+        }
+    }
+
+    fn apply_op(&mut self, op: &Op) {
         match *op {
             Op::Write {
                 img,
@@ -247,6 +276,11 @@ impl Sut {
                     }
                 }
             }
+            Op::SealJob { img } => {
+                if let Some(h) = &mut self.handles[img] {
+                    self.job = h.seal_job(0).unwrap();
+                }
+            }
             Op::Crash => {
                 if let Backend::Fault(f) = &self.backend {
                     let f = f.clone();
@@ -316,6 +350,9 @@ impl Sut {
     /// End of a case: snapshots hold what they pinned, diffs are exact, and
     /// scrub finds nothing wrong.
     fn check_final(&mut self) -> Result<(), TestCaseError> {
+        if let Some(j) = self.job.take() {
+            j.run();
+        }
         self.commit_all();
         let store = self.store().clone();
         for i in 0..SLOTS {

@@ -48,6 +48,92 @@ enum Dirty {
     /// An existing stored block, shared rather than copied (`copy_file_range`).
     /// The handle holds the stage gate while it has any, so GC keeps the block.
     Ref(BlockHash),
+    /// Sector-aligned writes into a block whose old contents were not read
+    /// (a 4 KiB write need not cost a 64 KiB read): merged with the old
+    /// contents when sealed, or when read. Only in the dirty set, and
+    /// always holding a non-zero byte.
+    Partial(Box<Partial>),
+}
+
+/// Granularity of [`Partial`] writes: what block devices write.
+const SECTOR: usize = 512;
+
+/// The written sectors of a block.
+#[derive(Clone, Debug)]
+struct Partial {
+    buf: Box<[u8]>,
+    /// One bit per sector.
+    valid: Vec<u64>,
+}
+
+impl Partial {
+    fn new(bs: usize) -> Partial {
+        Partial {
+            buf: vec![0; bs].into(),
+            valid: vec![0; (bs / SECTOR).div_ceil(64)],
+        }
+    }
+
+    fn sectors(&self) -> usize {
+        self.buf.len() / SECTOR
+    }
+
+    fn is_valid(&self, s: usize) -> bool {
+        self.valid[s / 64] & (1 << (s % 64)) != 0
+    }
+
+    /// Write sector-aligned `data` at `within`.
+    fn write(&mut self, within: usize, data: &[u8]) {
+        self.buf[within..within + data.len()].copy_from_slice(data);
+        for s in within / SECTOR..(within + data.len()) / SECTOR {
+            self.valid[s / 64] |= 1 << (s % 64);
+        }
+    }
+
+    /// Whether every byte of `[from, to)` was written.
+    fn covers(&self, from: usize, to: usize) -> bool {
+        (from / SECTOR..to.div_ceil(SECTOR)).all(|s| self.is_valid(s))
+    }
+
+    /// Copy the written sectors over `base` (the old contents).
+    fn overlay(&self, base: &mut [u8]) {
+        let n = self.sectors();
+        let mut s = 0;
+        while s < n {
+            if !self.is_valid(s) {
+                s += 1;
+                continue;
+            }
+            let start = s;
+            while s < n && self.is_valid(s) {
+                s += 1;
+            }
+            base[start * SECTOR..s * SECTOR].copy_from_slice(&self.buf[start * SECTOR..s * SECTOR]);
+        }
+    }
+}
+
+/// Whether a write of `len` bytes at `within` a block is sector-aligned.
+fn sector_aligned(within: usize, len: usize) -> bool {
+    within % SECTOR == 0 && len % SECTOR == 0
+}
+
+/// Whether an uncommitted block holds a block's worth of memory.
+fn holds_bytes(d: &Dirty) -> bool {
+    matches!(d, Dirty::Data(_) | Dirty::Partial(_))
+}
+
+/// Threads reading old block contents for partial writes, many at a time
+/// (the reads wait on the disk, not the CPU).
+fn read_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(16)
+            .thread_name(|i| format!("geosync-read-{i}"))
+            .build()
+            .expect("starting the read pool")
+    })
 }
 
 /// Where a block's content comes from, for copying ranges by sharing.
@@ -188,6 +274,7 @@ pub struct SealJob {
     store: Store,
     epoch: u64,
     blocks: Vec<(u64, u64, Dirty)>,
+    ran: bool,
     known: Arc<Mutex<HashMap<BlockHash, BlockLoc>>>,
     jobs: Arc<JobState>,
     _gate: Arc<StageGuard>,
@@ -195,9 +282,25 @@ pub struct SealJob {
 
 impl SealJob {
     /// Do the work; the handle picks up the result.
-    pub fn run(self) {
-        let r = seal_blocks(&self.store, &self.known, &self.blocks);
+    pub fn run(mut self) {
+        self.work();
+    }
+
+    fn work(&mut self) {
+        self.ran = true;
+        let blocks = std::mem::take(&mut self.blocks);
+        let r = seal_blocks(&self.store, &self.known, &blocks);
         self.jobs.finish((self.epoch, r));
+    }
+}
+
+impl Drop for SealJob {
+    /// A job dropped unrun still runs: the handle waits for it, and its
+    /// blocks are only readable until its result is applied.
+    fn drop(&mut self) {
+        if !self.ran {
+            self.work();
+        }
     }
 }
 
@@ -216,6 +319,7 @@ fn seal_blocks(
                 Dirty::Data(data) if is_zero(data) => None,
                 Dirty::Data(data) => Some(pack::hash_block(data)),
                 Dirty::Ref(h) => Some(*h), // already stored, kept by the gate
+                Dirty::Partial(_) => unreachable!("partial blocks are merged before they are sealed"),
             };
             (*block, *gen, h)
         })
@@ -232,12 +336,12 @@ fn seal_blocks(
             }
         }
     }
-    let mut lacking = Vec::with_capacity(to_seal.len());
-    for (h, data) in to_seal {
-        if !store.has_block(&h)? {
-            lacking.push((h, data));
-        }
-    }
+    let absent: HashSet<BlockHash> = store
+        .lacking(&to_seal.iter().map(|(h, _)| *h).collect::<Vec<_>>())?
+        .into_iter()
+        .collect();
+    let lacking: Vec<(BlockHash, &Arc<[u8]>)> =
+        to_seal.into_iter().filter(|(h, _)| absent.contains(h)).collect();
     let mut out = SealOutput {
         blocks: named,
         appended: Vec::new(),
@@ -440,15 +544,35 @@ impl ImageHandle {
 
     /// Full contents of a block (zeros for a hole).
     fn block_contents(&self, block: u64) -> Result<Vec<u8>> {
-        match self.overlay(block) {
-            Some(Dirty::Zero) => return Ok(vec![0; self.bs as usize]),
-            Some(Dirty::Data(d)) => return Ok(d.to_vec()),
-            Some(Dirty::Ref(h)) => {
+        match self.dirty.get(&block) {
+            Some(Dirty::Partial(p)) => {
+                let mut b = self.contents_below_dirty(block)?;
+                p.overlay(&mut b);
+                Ok(b)
+            }
+            Some(d) => self.dirty_contents(d, block),
+            None => self.contents_below_dirty(block),
+        }
+    }
+
+    fn dirty_contents(&self, d: &Dirty, block: u64) -> Result<Vec<u8>> {
+        match d {
+            Dirty::Zero => Ok(vec![0; self.bs as usize]),
+            Dirty::Data(d) => Ok(d.to_vec()),
+            Dirty::Ref(h) => {
                 let mut v = self.read_hash(h, block)?;
                 v.resize(self.bs as usize, 0);
-                return Ok(v);
+                Ok(v)
             }
-            None => {}
+            Dirty::Partial(_) => unreachable!("partial blocks are merged before they are sealed"),
+        }
+    }
+
+    /// Contents of a block ignoring the dirty set: being sealed, staged or
+    /// committed.
+    fn contents_below_dirty(&self, block: u64) -> Result<Vec<u8>> {
+        if let Some((_, d)) = self.sealing.get(&block) {
+            return self.dirty_contents(d, block);
         }
         match self.base_state(block)? {
             None => Ok(vec![0; self.bs as usize]),
@@ -474,6 +598,12 @@ impl ImageHandle {
             let n = (self.bs as usize - within).min(len - done);
             let out = &mut buf[done..done + n];
             match self.overlay(block) {
+                Some(Dirty::Partial(p)) if p.covers(within, within + n) => {
+                    out.copy_from_slice(&p.buf[within..within + n])
+                }
+                Some(Dirty::Partial(_)) => {
+                    out.copy_from_slice(&self.block_contents(block)?[within..within + n])
+                }
                 Some(Dirty::Data(d)) => out.copy_from_slice(&d[within..within + n]),
                 Some(Dirty::Zero) => out.fill(0),
                 Some(Dirty::Ref(h)) => {
@@ -507,7 +637,7 @@ impl ImageHandle {
         Ok(match self.overlay(block) {
             Some(Dirty::Zero) => false,
             Some(Dirty::Data(d)) => !is_zero(d),
-            Some(Dirty::Ref(_)) => true,
+            Some(Dirty::Ref(_) | Dirty::Partial(_)) => true,
             None => self.base_state(block)?.is_some(),
         })
     }
@@ -695,12 +825,12 @@ impl ImageHandle {
             let now = match &d {
                 Dirty::Zero => false,
                 Dirty::Data(b) => !is_zero(b),
-                Dirty::Ref(_) => true,
+                Dirty::Ref(_) | Dirty::Partial(_) => true,
             };
             self.alloc_adjust(was, now);
         }
-        let add = matches!(d, Dirty::Data(_)) as usize * self.bs as usize;
-        if let Some(Dirty::Data(_)) = self.dirty.insert(block, d) {
+        let add = holds_bytes(&d) as usize * self.bs as usize;
+        if self.dirty.insert(block, d).as_ref().is_some_and(holds_bytes) {
             self.dirty_bytes -= self.bs as usize;
         }
         self.dirty_bytes += add;
@@ -753,6 +883,30 @@ impl ImageHandle {
                     let now = !is_zero(b);
                     self.alloc_adjust(was, now);
                 }
+                continue;
+            }
+            // Sector-aligned writes do not read the old contents now.
+            let aligned = sector_aligned(within, n);
+            if let Some(Dirty::Partial(p)) = self.dirty.get_mut(&block) {
+                if aligned {
+                    p.write(within, part);
+                    if p.covers(0, self.bs as usize) {
+                        // Complete: no read needed at all.
+                        let buf = std::mem::take(&mut p.buf);
+                        self.alloc_adjust(true, !is_zero(&buf));
+                        self.dirty.insert(block, Dirty::Data(buf.into()));
+                        continue;
+                    }
+                    if !is_zero(&p.buf) {
+                        continue;
+                    }
+                    // All that was written is zeros: merge, it may be a hole now.
+                }
+            } else if aligned && !is_zero(part) && !self.dirty.contains_key(&block) {
+                // (Over a punched or shared dirty block, the old contents are those: merge now.)
+                let mut p = Partial::new(self.bs as usize);
+                p.write(within, part);
+                self.set_dirty(block, Dirty::Partial(Box::new(p)))?;
                 continue;
             }
             let mut b = self.block_contents(block)?;
@@ -820,7 +974,7 @@ impl ImageHandle {
         let nb = new.div_ceil(self.bs);
         let dropped = self.dirty.split_off(&nb);
         for d in dropped.values() {
-            if let Dirty::Data(_) = d {
+            if holds_bytes(d) {
                 self.dirty_bytes -= self.bs as usize;
             }
         }
@@ -876,10 +1030,21 @@ impl ImageHandle {
         let gen = self.seal_gen;
         let bs = self.bs as usize;
         let keys: Vec<u64> = self.dirty.keys().take(max_blocks).copied().collect();
+        // Partial blocks: read their old contents, many at a time, and merge.
+        let partial: Vec<u64> = keys
+            .iter()
+            .copied()
+            .filter(|k| matches!(self.dirty.get(k), Some(Dirty::Partial(_))))
+            .collect();
+        let merged: Vec<Result<Vec<u8>>> =
+            read_pool().install(|| partial.par_iter().map(|&k| self.block_contents(k)).collect());
+        for (k, m) in partial.into_iter().zip(merged) {
+            self.dirty.insert(k, Dirty::Data(m?.into()));
+        }
         let mut blocks = Vec::with_capacity(keys.len());
         for k in keys {
             let d = self.dirty.remove(&k).unwrap();
-            if let Dirty::Data(_) = d {
+            if holds_bytes(&d) {
                 self.dirty_bytes -= bs;
                 self.sealing_bytes += bs;
             }
@@ -893,6 +1058,7 @@ impl ImageHandle {
             store: self.store.clone(),
             epoch: self.epoch,
             blocks,
+            ran: false,
             known: self.new_blocks.clone(),
             jobs: self.jobs.clone(),
             _gate: gate,
@@ -1009,8 +1175,10 @@ impl ImageHandle {
     }
 
     fn try_commit(&mut self) -> Result<CommitInfo> {
+        let t0 = std::time::Instant::now();
         self.apply_jobs(self.jobs.wait_all())?;
         self.seal()?;
+        let t_seal = t0.elapsed();
         // A commit does not change what the image holds: the allocation stays valid.
         let alloc = *self.alloc.lock().unwrap();
         if self.staged.is_empty() && self.size == self.row.size && self.trunc_from.is_none() {
@@ -1023,6 +1191,8 @@ impl ImageHandle {
             });
         }
         self.store.sync_packs(self.touched.iter().copied())?;
+        let t_sync = t0.elapsed();
+        let nstaged = self.staged.len();
         let new_blocks = self.new_blocks.lock().unwrap().clone();
         let (version, stamp) = self.store.apply_commit(&CommitRequest {
             image_id: self.row.id,
@@ -1058,7 +1228,16 @@ impl ImageHandle {
         }
         self.reset();
         *self.alloc.lock().unwrap() = alloc;
-        tracing::debug!(image = %self.row.name, version, %stamp, "committed");
+        tracing::debug!(
+            image = %self.row.name,
+            version,
+            %stamp,
+            blocks = nstaged,
+            seal_us = t_seal.as_micros() as u64,
+            sync_us = (t_sync - t_seal).as_micros() as u64,
+            meta_us = (t0.elapsed() - t_sync).as_micros() as u64,
+            "committed"
+        );
         Ok(CommitInfo {
             version,
             stamp: Some(stamp),
@@ -1074,6 +1253,7 @@ impl ImageHandle {
                 Ok(match self.overlay(b) {
                     Some(Dirty::Zero) => BlockSource::Hole,
                     Some(Dirty::Data(d)) => BlockSource::Bytes(d[..].into()),
+                    Some(Dirty::Partial(_)) => BlockSource::Bytes(self.block_contents(b)?.into()),
                     Some(Dirty::Ref(h)) => BlockSource::Stored(*h),
                     None => match self.base_state(b)? {
                         None => BlockSource::Hole,
@@ -1188,6 +1368,135 @@ mod tests {
         assert_eq!(h.seek_data(0).unwrap(), None);
         h.commit().unwrap();
         assert_eq!(s.image_info("a").unwrap().referenced, 0);
+    }
+
+    #[test]
+    fn sector_writes_merge_with_old_contents_when_sealed() {
+        let (_d, s) = store();
+        s.create_image("a", 3 * 4096).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &[7; 3 * 4096]).unwrap();
+        h.commit().unwrap();
+        // Two sectors of block 1, and one sector of a hole past the end.
+        h.write(4096 + 512, &[1; 1024]).unwrap();
+        h.set_size(4 * 4096).unwrap();
+        h.write(3 * 4096 + 2048, &[2; 512]).unwrap();
+        let mut expect = vec![7u8; 3 * 4096];
+        expect[4096 + 512..4096 + 1536].fill(1);
+        expect.resize(4 * 4096, 0);
+        expect[3 * 4096 + 2048..3 * 4096 + 2560].fill(2);
+        let check = |h: &ImageHandle| {
+            let mut buf = vec![0xAA; 4 * 4096];
+            h.read(0, &mut buf).unwrap();
+            assert_eq!(buf, expect);
+            // A read inside the written sectors, and one across their edge.
+            let mut b = [0u8; 512];
+            h.read(4096 + 1024, &mut b).unwrap();
+            assert_eq!(b, [1; 512]);
+            h.read(4096 + 1280, &mut b).unwrap();
+            assert_eq!(&b[..256], &[1; 256]);
+            assert_eq!(&b[256..], &[7; 256]);
+            assert_eq!(h.allocated_bytes().unwrap(), 4 * 4096);
+        };
+        check(&h);
+        h.commit().unwrap();
+        check(&h);
+        drop(h);
+        check(&s.open_image("a").unwrap());
+        // A sector written into a punched block: the rest of it reads as zeros.
+        let mut h = s.open_image("a").unwrap();
+        h.punch(2 * 4096, 4096).unwrap();
+        h.write(2 * 4096, &[8; 512]).unwrap();
+        let mut b = vec![0xAA; 4096];
+        h.read(2 * 4096, &mut b).unwrap();
+        assert_eq!(&b[..512], &[8; 512]);
+        assert!(b[512..].iter().all(|&x| x == 0));
+        h.commit().unwrap();
+        h.read(2 * 4096, &mut b).unwrap();
+        assert!(b[512..].iter().all(|&x| x == 0));
+        drop(h);
+        // Zeros over the only written sectors of a hole: still a hole.
+        let mut h = s.open_image("a").unwrap();
+        h.set_size(5 * 4096).unwrap();
+        h.write(4 * 4096, &[3; 512]).unwrap();
+        h.write(4 * 4096, &[0; 512]).unwrap();
+        assert_eq!(h.seek_data(4 * 4096).unwrap(), None);
+        assert_eq!(h.allocated_bytes().unwrap(), 4 * 4096);
+        // Every sector written: whole, no old contents needed.
+        for i in 0..8 {
+            h.write(4 * 4096 + i * 512, &[4; 512]).unwrap();
+        }
+        h.commit().unwrap();
+        let mut b = vec![0; 4096];
+        h.read(4 * 4096, &mut b).unwrap();
+        assert_eq!(b, vec![4; 4096]);
+    }
+
+    #[test]
+    fn seal_jobs_lose_to_later_writes_and_resets() {
+        let (_d, s) = store();
+        s.create_image("a", 4 * 4096).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &[1; 4 * 4096]).unwrap();
+        let job = h.seal_job(0).unwrap().expect("dirty blocks to seal");
+        // Written again while the job holds the old bytes; read through it meanwhile.
+        h.write(4096, &[2; 4096]).unwrap();
+        h.write(2 * 4096 + 512, &[3; 512]).unwrap();
+        let mut b = vec![0; 4096];
+        h.read(0, &mut b).unwrap();
+        assert_eq!(b, vec![1; 4096]);
+        job.run();
+        h.commit().unwrap();
+        drop(h);
+        let h = s.open_image("a").unwrap();
+        let mut all = vec![0; 4 * 4096];
+        h.read(0, &mut all).unwrap();
+        let mut expect = vec![1u8; 4 * 4096];
+        expect[4096..8192].fill(2);
+        expect[2 * 4096 + 512..2 * 4096 + 1024].fill(3);
+        assert_eq!(all, expect);
+        drop(h);
+        // A job whose changes were discarded meanwhile applies nothing.
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &[9; 4096]).unwrap();
+        let job = h.seal_job(0).unwrap().unwrap();
+        h.discard();
+        job.run();
+        assert!(!h.commit().unwrap().changed);
+        h.read(0, &mut b).unwrap();
+        assert_eq!(b, vec![1; 4096]);
+    }
+
+    #[test]
+    fn a_failed_seal_job_fails_the_commit_and_keeps_the_old_version() {
+        use crate::backend::{FaultPacks, FaultPlan};
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("meta.db");
+        let faults = FaultPacks::new(MemPacks::new());
+        let opts = InitOptions {
+            block_size: 4096,
+            ..Default::default()
+        };
+        Store::init_with(&db, Box::new(faults.clone()), &opts).unwrap();
+        let s = Store::open_with(&db, Box::new(faults.clone()), OpenMode::ReadWrite).unwrap();
+        s.create_image("a", 2 * 4096).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &[5; 2 * 4096]).unwrap();
+        h.commit().unwrap();
+        h.write(0, &[6; 4096]).unwrap();
+        faults.set_plan(FaultPlan {
+            enospc_after_bytes: Some(0),
+            ..Default::default()
+        });
+        h.seal_job(0).unwrap().unwrap().run();
+        faults.set_plan(FaultPlan::default());
+        assert!(matches!(h.commit(), Err(Error::NoSpace(_))));
+        let mut b = vec![0; 2 * 4096];
+        h.read(0, &mut b).unwrap();
+        assert_eq!(b, vec![5; 2 * 4096]);
+        drop(h);
+        s.open_image("a").unwrap().read(0, &mut b).unwrap();
+        assert_eq!(b, vec![5; 2 * 4096]);
     }
 
     #[test]

@@ -759,11 +759,6 @@ impl Store {
         unreachable!()
     }
 
-    /// Whether the index has a block.
-    pub(crate) fn has_block(&self, hash: &BlockHash) -> Result<bool> {
-        Ok(self.lookup(hash)?.is_some())
-    }
-
     // ------------------------------------------------------------ images
 
     pub(crate) fn image_row(&self, name: &str) -> Result<ImageRow> {

@@ -39,9 +39,6 @@ pub const SNAP_ROOT_INO: u64 = 2;
 /// Name of the snapshots directory.
 pub const SNAP_DIR: &str = ".snapshots";
 
-/// Dirty bytes of an open image that start a seal job.
-const SEAL_AT: usize = crate::image::SEAL_JOB_BYTES;
-
 /// Mount settings.
 #[derive(Clone, Debug)]
 pub struct VfsConfig {
@@ -49,6 +46,8 @@ pub struct VfsConfig {
     pub dirty_limit: usize,
     /// Changes older than this are committed by [`Vfs::commit_due`].
     pub commit_interval: Duration,
+    /// Dirty bytes of an open image that start a background seal job.
+    pub seal_at: usize,
 }
 
 impl Default for VfsConfig {
@@ -56,6 +55,7 @@ impl Default for VfsConfig {
         VfsConfig {
             dirty_limit: 256 << 20,
             commit_interval: Duration::from_secs(5),
+            seal_at: crate::image::SEAL_JOB_BYTES,
         }
     }
 }
@@ -479,20 +479,23 @@ impl Vfs {
         Ok(h.pending_bytes() >= self.cfg.dirty_limit)
     }
 
-    /// Write `data` at `offset`. Once enough dirty blocks wait, the writer
-    /// that finds them seals a batch (hash, compress, append) after letting
-    /// go of the image, so other requests keep writing meanwhile.
+    /// Write `data` at `offset`. Once enough dirty blocks wait, a batch of
+    /// them is sealed (hash, compress, append) on the sealing pool while
+    /// requests go on writing.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (_, o) = self.file(fh)?;
         let (full, job) = {
             let mut h = o.handle.write().unwrap();
             h.write(offset, data)?;
             let full = self.mark_dirty(&o, &h)?;
-            let job = if full { None } else { h.seal_job(SEAL_AT)? };
+            let job = if full { None } else { h.seal_job(self.cfg.seal_at)? };
             (full, job)
         };
         if let Some(job) = job {
-            job.run(); // its error, if any, comes back from the next write or commit
+            // On the sealing pool, so this write is answered now. Bounded: the
+            // blocks it holds count toward `dirty_limit`, and a commit waits
+            // for it. Its error, if any, comes back from the next write or commit.
+            rayon::spawn(move || job.run());
         }
         if full {
             self.commit_open(&o)?;

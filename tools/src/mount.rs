@@ -35,6 +35,10 @@ pub struct MountArgs {
     /// Threads serving FUSE requests.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Dirty bytes of an open image that start a background seal job
+    /// (tests set it tiny to run jobs alongside every write).
+    #[arg(long, default_value = "8M", value_parser = crate::units::parse_size, hide = true)]
+    pub seal_at: u64,
 }
 
 /// Whether `mnt` is a geosync FUSE mount (from /proc/self/mountinfo).
@@ -73,6 +77,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         VfsConfig {
             dirty_limit: args.dirty_limit as usize,
             commit_interval: Duration::from_secs_f64(args.commit_interval.max(0.1)),
+            seal_at: args.seal_at as usize,
         },
     ));
     let (tx, rx) = mpsc::channel::<&'static str>();
@@ -169,6 +174,7 @@ fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
         .args(["--commit-interval", &args.commit_interval.to_string()])
         .args(["--read-cache", &args.read_cache.to_string()])
         .args(["--threads", &args.threads.to_string()])
+        .args(["--seal-at", &args.seal_at.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -305,7 +305,8 @@ fn model_ops_through_the_mount() {
     let t = tempfile::tempdir().unwrap();
     let store = init_store(t.path(), "4K");
     let mnt = t.path().join("mnt");
-    let m = Mount::new(&store, &mnt, &["--commit-interval", "0.5"]);
+    // Seal jobs after every write: they run while the next requests come in.
+    let m = Mount::new(&store, &mnt, &["--commit-interval", "0.5", "--seal-at", "4K"]);
     let mut runner = TestRunner::new(Config {
         cases: model::cases(24),
         failure_persistence: None,

@@ -195,13 +195,18 @@ impl Store {
     /// Which of `hashes` the store lacks.
     pub fn lacking(&self, hashes: &[BlockHash]) -> Result<Vec<BlockHash>> {
         let db = self.db();
-        let mut st = db.prepare_cached("SELECT EXISTS(SELECT 1 FROM blocks WHERE hash = ?1)")?;
+        // One read transaction for all (not one lock round per hash).
+        let tx = db.unchecked_transaction()?;
         let mut out = Vec::new();
-        for h in hashes {
-            if !st.query_row([&h.0[..]], |r| r.get::<_, bool>(0))? {
-                out.push(*h);
+        {
+            let mut st = tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM blocks WHERE hash = ?1)")?;
+            for h in hashes {
+                if !st.query_row([&h.0[..]], |r| r.get::<_, bool>(0))? {
+                    out.push(*h);
+                }
             }
         }
+        tx.finish()?;
         Ok(out)
     }
 
