@@ -534,12 +534,34 @@ impl ImageHandle {
     }
 
     fn read_hash(&self, hash: &BlockHash, block: u64) -> Result<Vec<u8>> {
+        Ok(self.read_shared(hash, block)?.to_vec())
+    }
+
+    /// A block's bytes, shared with the read cache (no copy).
+    fn read_shared(&self, hash: &BlockHash, block: u64) -> Result<Arc<[u8]>> {
         let loc = self.new_blocks.lock().unwrap().get(hash).copied();
         let r = match loc {
-            Some(loc) => self.store.read_record(hash, &loc),
-            None => self.store.read_block(hash),
+            Some(loc) => self.store.read_record_shared(hash, &loc),
+            None => self.store.read_block_shared(hash),
         };
         r.map_err(|e| e.at_block(&self.row.name, block))
+    }
+
+    /// Start reading a stored block's old contents into the read cache in
+    /// the background, so merging a partial write later finds it there.
+    fn prefetch(&self, block: u64) -> Result<()> {
+        if self.sealing.contains_key(&block) {
+            return Ok(()); // in memory
+        }
+        if let Some(h) = self.base_state(block)? {
+            if !self.new_blocks.lock().unwrap().contains_key(&h) {
+                let store = self.store.clone();
+                read_pool().spawn(move || {
+                    let _ = store.read_block(&h); // an error shows when the block is merged
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Full contents of a block (zeros for a hole).
@@ -607,7 +629,7 @@ impl ImageHandle {
                 Some(Dirty::Data(d)) => out.copy_from_slice(&d[within..within + n]),
                 Some(Dirty::Zero) => out.fill(0),
                 Some(Dirty::Ref(h)) => {
-                    let data = self.read_hash(h, block)?;
+                    let data = self.read_shared(h, block)?;
                     let avail = data.len().saturating_sub(within).min(n);
                     out[..avail].copy_from_slice(&data[within..within + avail]);
                     out[avail..].fill(0);
@@ -615,7 +637,7 @@ impl ImageHandle {
                 None => match self.base_state(block)? {
                     None => out.fill(0),
                     Some(h) => {
-                        let data = self.read_hash(&h, block)?;
+                        let data = self.read_shared(&h, block)?;
                         let avail = data.len().saturating_sub(within).min(n);
                         out[..avail].copy_from_slice(&data[within..within + avail]);
                         out[avail..].fill(0);
@@ -907,6 +929,7 @@ impl ImageHandle {
                 let mut p = Partial::new(self.bs as usize);
                 p.write(within, part);
                 self.set_dirty(block, Dirty::Partial(Box::new(p)))?;
+                self.prefetch(block)?;
                 continue;
             }
             let mut b = self.block_contents(block)?;

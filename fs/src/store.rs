@@ -693,6 +693,11 @@ impl Store {
 
     /// Read and verify one block from its record.
     pub fn read_record(&self, hash: &BlockHash, loc: &BlockLoc) -> Result<Vec<u8>> {
+        Ok(self.read_record_shared(hash, loc)?.to_vec())
+    }
+
+    /// [`Store::read_record`] into shared bytes (one copy fewer).
+    pub fn read_record_shared(&self, hash: &BlockHash, loc: &BlockLoc) -> Result<Arc<[u8]>> {
         let integrity = |what: String| Error::Integrity {
             what,
             hash: *hash,
@@ -713,7 +718,7 @@ impl Store {
         if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec {
             return Err(integrity("record header does not match the index".into()));
         }
-        pack::open(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
+        pack::open_shared(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
     }
 
     /// Bound the read cache (bytes of decompressed blocks; 0 disables it).
@@ -727,26 +732,27 @@ impl Store {
 
     /// Read and verify a block by name (through the read cache).
     pub fn read_block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        Ok(self.read_block_shared(hash)?.to_vec())
+    }
+
+    /// [`Store::read_block`], sharing the cached bytes instead of copying them.
+    pub fn read_block_shared(&self, hash: &BlockHash) -> Result<Arc<[u8]>> {
         if let Some(b) = self.inner.cache.lock().unwrap().get(hash) {
-            return Ok(b.to_vec());
+            return Ok(b.clone());
         }
         let data = self.read_block_uncached(hash)?;
-        self.inner
-            .cache
-            .lock()
-            .unwrap()
-            .put(*hash, data.as_slice().into());
+        self.inner.cache.lock().unwrap().put(*hash, data.clone());
         Ok(data)
     }
 
-    fn read_block_uncached(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+    fn read_block_uncached(&self, hash: &BlockHash) -> Result<Arc<[u8]>> {
         for attempt in 0..2 {
             let loc = self.lookup(hash)?.ok_or(Error::MissingBlock {
                 hash: *hash,
                 image: None,
                 block: None,
             })?;
-            match self.read_record(hash, &loc) {
+            match self.read_record_shared(hash, &loc) {
                 // GC may have moved the block between lookup and read: look again.
                 Err(Error::Io { ref source, .. })
                     if source.kind() == io::ErrorKind::NotFound && attempt == 0 =>
