@@ -17,6 +17,7 @@
 //! granularity.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rayon::prelude::*;
@@ -122,6 +123,9 @@ fn sector_aligned(within: usize, len: usize) -> bool {
 fn holds_bytes(d: &Dirty) -> bool {
     matches!(d, Dirty::Data(_) | Dirty::Partial(_))
 }
+
+/// Old blocks being read ahead for partial writes, at most.
+const PREFETCH_MAX: usize = 256;
 
 /// Threads reading old block contents for partial writes, many at a time
 /// (the reads wait on the disk, not the CPU).
@@ -554,11 +558,18 @@ impl ImageHandle {
             return Ok(()); // in memory
         }
         if let Some(h) = self.base_state(block)? {
-            if !self.new_blocks.lock().unwrap().contains_key(&h) {
+            // At most PREFETCH_MAX queued: past that the merge reads what is missing.
+            static QUEUED: AtomicUsize = AtomicUsize::new(0);
+            if !self.new_blocks.lock().unwrap().contains_key(&h)
+                && QUEUED.fetch_add(1, Ordering::Relaxed) < PREFETCH_MAX
+            {
                 let store = self.store.clone();
                 read_pool().spawn(move || {
-                    let _ = store.read_block(&h); // an error shows when the block is merged
+                    let _ = store.read_block_shared(&h); // an error shows when the block is merged
+                    QUEUED.fetch_sub(1, Ordering::Relaxed);
                 });
+            } else {
+                QUEUED.fetch_sub(1, Ordering::Relaxed);
             }
         }
         Ok(())
