@@ -560,9 +560,10 @@ impl ImageHandle {
         if let Some(h) = self.base_state(block)? {
             // At most PREFETCH_MAX queued: past that the merge reads what is missing.
             static QUEUED: AtomicUsize = AtomicUsize::new(0);
-            if !self.new_blocks.lock().unwrap().contains_key(&h)
-                && QUEUED.fetch_add(1, Ordering::Relaxed) < PREFETCH_MAX
-            {
+            if self.new_blocks.lock().unwrap().contains_key(&h) {
+                return Ok(()); // sealed by this handle: not in the read cache's path
+            }
+            if QUEUED.fetch_add(1, Ordering::Relaxed) < PREFETCH_MAX {
                 let store = self.store.clone();
                 read_pool().spawn(move || {
                     let _ = store.read_block_shared(&h); // an error shows when the block is merged
@@ -1117,7 +1118,11 @@ impl ImageHandle {
         let mut err = None;
         for (epoch, r) in results {
             match r {
-                Ok(out) if epoch == self.epoch && err.is_none() => self.apply_output(out)?,
+                Ok(out) if epoch == self.epoch && err.is_none() => {
+                    if let Err(e) = self.apply_output(out) {
+                        err = Some(e);
+                    }
+                }
                 Ok(out) => self.store.unpin_packs(out.pinned),
                 Err(e) if epoch == self.epoch => {
                     err.get_or_insert(e);
@@ -1151,15 +1156,16 @@ impl ImageHandle {
             if self.sealing.get(&block).map(|(g, _)| *g) != Some(gen) {
                 continue;
             }
-            if let Some((_, Dirty::Data(_))) = self.sealing.remove(&block) {
-                self.sealing_bytes -= self.bs as usize;
-            }
+            // Before the entry goes: on error the caller resets the handle.
             let in_base = self.trunc_from.is_none_or(|t| block < t);
             let committed = if in_base {
                 self.committed_hash(block)?
             } else {
                 None
             };
+            if let Some((_, Dirty::Data(_))) = self.sealing.remove(&block) {
+                self.sealing_bytes -= self.bs as usize;
+            }
             match hash {
                 None if committed.is_some() => {
                     self.staged.insert(block, Staged::Hole);
