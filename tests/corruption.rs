@@ -215,3 +215,27 @@ fn truncated_pack_is_reported_not_silently_served() {
     h.commit().unwrap();
     assert_eq!(read_block(&s, "c", 0).unwrap(), noise(3, BS as usize));
 }
+
+/// A sector-aligned write into a damaged block is taken (the old block is
+/// not read then); merging it at commit meets the damage: the commit fails
+/// with the integrity error naming image and block, and the committed
+/// version is untouched.
+#[test]
+fn partial_write_into_a_damaged_block_fails_the_commit() {
+    let (d, s, a, _) = fixture();
+    let loc = loc_of(&s, "a", 3);
+    flip_byte(&pack_path(d.path(), loc.pack), loc.offset + 52 + 100);
+    let mut h = s.open_image("a").unwrap();
+    h.write(3 * BS + 512, &[9; 512]).unwrap();
+    h.write(0, &[7; 512]).unwrap();
+    match h.commit() {
+        Err(Error::Integrity { image, block, .. }) => {
+            assert_eq!(image.as_deref(), Some("a"));
+            assert_eq!(block, Some(3));
+        }
+        other => panic!("expected an integrity error, got {other:?}"),
+    }
+    drop(h);
+    assert_eq!(read_block(&s, "a", 0).unwrap(), a[..BS as usize]);
+    assert!(matches!(read_block(&s, "a", 3), Err(Error::Integrity { .. })));
+}

@@ -1373,14 +1373,19 @@ mod tests {
     use crate::store::{InitOptions, OpenMode};
 
     fn store() -> (tempfile::TempDir, Store) {
+        store_on(MemPacks::new())
+    }
+
+    /// A store with 4 KiB blocks whose packs are `packs` (cloned: shared).
+    fn store_on<P: crate::backend::PackStorage + Clone + 'static>(packs: P) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("meta.db");
         let opts = InitOptions {
             block_size: 4096,
             ..Default::default()
         };
-        Store::init_with(&db, Box::new(MemPacks::new()), &opts).unwrap();
-        let s = Store::open_with(&db, Box::new(MemPacks::new()), OpenMode::ReadWrite).unwrap();
+        Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
+        let s = Store::open_with(&db, Box::new(packs), OpenMode::ReadWrite).unwrap();
         (dir, s)
     }
 
@@ -1510,15 +1515,8 @@ mod tests {
     #[test]
     fn a_failed_seal_job_fails_the_commit_and_keeps_the_old_version() {
         use crate::backend::{FaultPacks, FaultPlan};
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("meta.db");
         let faults = FaultPacks::new(MemPacks::new());
-        let opts = InitOptions {
-            block_size: 4096,
-            ..Default::default()
-        };
-        Store::init_with(&db, Box::new(faults.clone()), &opts).unwrap();
-        let s = Store::open_with(&db, Box::new(faults.clone()), OpenMode::ReadWrite).unwrap();
+        let (_d, s) = store_on(faults.clone());
         s.create_image("a", 2 * 4096).unwrap();
         let mut h = s.open_image("a").unwrap();
         h.write(0, &[5; 2 * 4096]).unwrap();
