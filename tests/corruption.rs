@@ -239,3 +239,35 @@ fn partial_write_into_a_damaged_block_fails_the_commit() {
     assert_eq!(read_block(&s, "a", 0).unwrap(), a[..BS as usize]);
     assert!(matches!(read_block(&s, "a", 3), Err(Error::Integrity { .. })));
 }
+
+/// Through the mount: a sector write into a damaged block is acknowledged;
+/// the seal job that merges it meets the damage and drops the image's
+/// uncommitted writes, and the next fsync fails with EIO naming image and
+/// block (once) instead of calling them durable.
+#[test]
+fn mount_reports_a_failed_merge_at_the_next_fsync() {
+    use geosync_fs::vfs::{Vfs, VfsConfig, ROOT_INO};
+    let (d, s, a, _) = fixture();
+    let loc = loc_of(&s, "a", 3);
+    flip_byte(&pack_path(d.path(), loc.pack), loc.offset + 52 + 100);
+    let v = Vfs::new(
+        s,
+        VfsConfig {
+            seal_at: BS as usize, // the first write's block is sealed at once
+            ..Default::default()
+        },
+    );
+    let ino = v.lookup(ROOT_INO, "a").unwrap().ino;
+    let fh = v.open(ino, true).unwrap();
+    assert_eq!(v.write(fh, 3 * BS + 512, &[9; 512]).unwrap(), 512);
+    let e = v.fsync(fh).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("integrity error") && msg.contains("block 3"),
+        "{msg}"
+    );
+    v.fsync(fh).unwrap();
+    assert_eq!(v.read(fh, 0, BS as u32).unwrap(), a[..BS as usize]);
+    v.release(fh).unwrap();
+}

@@ -258,3 +258,55 @@ fn crossing_copies_do_not_deadlock() {
             .expect("copy_file_range deadlocked");
     }
 }
+
+/// A failure in background work (a seal job, a timed commit) drops the
+/// image's uncommitted writes after they were acknowledged: the next fsync
+/// must fail with ENOSPC (never claim them durable), once; what was fsync'd
+/// before stays, and writes after the failure commit normally.
+#[test]
+fn a_background_failure_is_reported_by_the_next_fsync() {
+    use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let packs = FaultPacks::new(MemPacks::new());
+    let opts = geosync_fs::InitOptions {
+        block_size: BS as u32,
+        ..Default::default()
+    };
+    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    let cfg = VfsConfig {
+        commit_interval: std::time::Duration::ZERO,
+        seal_at: BS as usize, // a seal job for every write
+        ..Default::default()
+    };
+    let v = Vfs::new(s, cfg);
+    let (_, fh) = v.create(ROOT_INO, "img").unwrap();
+    let kept = noise(1, BS as usize);
+    v.write(fh, 0, &kept).unwrap();
+    v.fsync(fh).unwrap();
+
+    packs.set_plan(FaultPlan {
+        enospc_after_bytes: Some(0),
+        ..Default::default()
+    });
+    // Acknowledged: the disk is only met by the seal job or the commit.
+    assert_eq!(v.write(fh, BS, &noise(2, BS as usize)).unwrap(), BS as u32);
+    v.commit_due(); // fails (the job's ENOSPC, or the commit's own)
+    packs.set_plan(FaultPlan::default());
+    let later = noise(3, BS as usize);
+    v.write(fh, 2 * BS, &later).unwrap();
+
+    let e = v.fsync(fh).unwrap_err();
+    assert!(
+        matches!(e, Error::WritesLost { ref image, .. } if image == "img"),
+        "{e}"
+    );
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    assert!(e.to_string().contains("no space left"), "{e}");
+    v.fsync(fh).unwrap(); // reported once
+    assert_eq!(v.read(fh, 0, BS as u32).unwrap(), kept);
+    assert_eq!(v.read(fh, BS, BS as u32).unwrap(), vec![0; BS as usize]); // the lost write
+    assert_eq!(v.read(fh, 2 * BS, BS as u32).unwrap(), later);
+    v.release(fh).unwrap();
+}

@@ -153,6 +153,23 @@ pub enum Error {
     /// The metadata database failed.
     #[error("metadata database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A background seal or commit of an open image failed after its writes
+    /// were acknowledged: the writes made since its last commit were dropped.
+    /// Returned by the next `fsync`/`flush`, like a page-cache writeback error.
+    #[error(
+        "writes to image {image:?} since its last commit were lost: a background commit failed: {cause}"
+    )]
+    WritesLost {
+        /// Image name.
+        image: String,
+        /// The error the background work met.
+        cause: String,
+        /// The errno of that error.
+        errno: i32,
+    },
+    /// A bug: a background task panicked. The work it was doing failed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -203,6 +220,7 @@ impl Error {
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::QuotaExceeded { .. } => libc::EDQUOT,
             Error::Conflict { .. } | Error::ImageBusy { .. } => libc::EBUSY,
+            Error::WritesLost { errno, .. } => *errno,
             _ => libc::EIO,
         }
     }

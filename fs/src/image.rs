@@ -293,7 +293,19 @@ impl SealJob {
     fn work(&mut self) {
         self.ran = true;
         let blocks = std::mem::take(&mut self.blocks);
-        let r = seal_blocks(&self.store, &self.known, &blocks);
+        // A panic must still finish the job: the handle waits for every job.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            seal_blocks(&self.store, &self.known, &blocks)
+        }))
+        .unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(panic = %msg, "a seal job panicked");
+            Err(Error::Internal(format!("a seal job panicked: {msg}")))
+        });
         self.jobs.finish((self.epoch, r));
     }
 }
@@ -1102,14 +1114,22 @@ impl ImageHandle {
 
     /// A job sealing dirty blocks outside this handle, when at least
     /// `min_bytes` of them wait (first applying what finished jobs did).
-    /// Run it with [`SealJob::run`] on any thread.
+    /// Run it with [`SealJob::run`] on any thread. On error (an earlier
+    /// job's, or reading old contents to merge) the uncommitted changes are
+    /// dropped, as for a failed commit.
     pub fn seal_job(&mut self, min_bytes: usize) -> Result<Option<SealJob>> {
         self.check_writable()?;
         self.apply_jobs(self.jobs.take())?;
         if self.dirty_bytes < min_bytes.max(1) {
             return Ok(None);
         }
-        Ok(Some(self.take_job((SEAL_JOB_BYTES / self.bs as usize).max(1))?))
+        match self.take_job((SEAL_JOB_BYTES / self.bs as usize).max(1)) {
+            Ok(job) => Ok(Some(job)),
+            Err(e) => {
+                self.reset(); // as a failed job would: the caller reports the loss
+                Err(e)
+            }
+        }
     }
 
     /// Apply finished jobs' results. On a job's error the uncommitted

@@ -19,7 +19,11 @@
 //! Commits: on `fsync` and `flush` (every `close`), when the dirty set
 //! reaches `dirty_limit`, and from [`Vfs::commit_due`] for images with
 //! changes older than `commit_interval`. `fsync` returns only when the data
-//! is durable. Memory: at most `dirty_limit` of dirty blocks per open image,
+//! is durable. A failed commit drops the image's uncommitted writes; when
+//! the failure was not answered to an `fsync` (a background seal job, a
+//! timed commit), the next `fsync`/`flush` fails with [`Error::WritesLost`]
+//! (as the kernel reports a writeback error), so acknowledged writes are
+//! never silently missing from a version an `fsync` called durable. Memory: at most `dirty_limit` of dirty blocks per open image,
 //! plus the store's read cache.
 
 use std::collections::HashMap;
@@ -177,6 +181,10 @@ struct OpenImage {
     opens: AtomicU64,
     /// When the oldest uncommitted change was made (None: nothing pending).
     dirty_since: Mutex<Option<Instant>>,
+    /// A failure of background work (a seal job, a timed commit, a commit
+    /// answered to a write) that dropped acknowledged writes: the next
+    /// `fsync`/`flush` returns it, so durability is never claimed for them.
+    lost: Mutex<Option<Error>>,
 }
 
 /// The mounted filesystem, independent of FUSE.
@@ -377,6 +385,7 @@ impl Vfs {
                         handle: RwLock::new(h),
                         opens: AtomicU64::new(0),
                         dirty_since: Mutex::new(None),
+                        lost: Mutex::new(None),
                     });
                     open.insert(ino, o.clone());
                     o
@@ -426,6 +435,8 @@ impl Vfs {
         Ok((ino, o))
     }
 
+    /// Commit an open image. A failure dropped acknowledged writes: it is
+    /// also kept for the next `fsync`/`flush` (see [`Vfs::sync_open`]).
     fn commit_open(&self, o: &OpenImage) -> Result<()> {
         let mut h = o.handle.write().unwrap();
         if h.is_read_only() {
@@ -434,9 +445,31 @@ impl Vfs {
         let r = h.commit();
         *o.dirty_since.lock().unwrap() = None;
         if let Err(e) = &r {
-            warn!(image = h.name(), error = %e, "commit failed: uncommitted writes were dropped");
+            self.writes_lost(o, h.name(), e);
         }
         r.map(|_| ())
+    }
+
+    /// Record that background work on `o` failed and dropped its uncommitted writes.
+    fn writes_lost(&self, o: &OpenImage, image: &str, e: &Error) {
+        warn!(image, error = %e, "uncommitted writes were dropped; the next fsync reports it");
+        let mut lost = o.lost.lock().unwrap();
+        if lost.is_none() {
+            *lost = Some(Error::WritesLost {
+                image: image.to_string(),
+                cause: e.to_string(),
+                errno: e.errno(),
+            });
+        }
+    }
+
+    /// `fsync`/`flush`: commit, and fail if this commit, or any background
+    /// work since the last such call, lost acknowledged writes.
+    fn sync_open(&self, o: &OpenImage) -> Result<()> {
+        let r = self.commit_open(o);
+        let lost = o.lost.lock().unwrap().take();
+        r?;
+        lost.map_or(Ok(()), Err)
     }
 
     /// Close a file handle; the last close commits and drops the image handle.
@@ -451,7 +484,7 @@ impl Vfs {
             // Commit while the image is still in the table: an open racing this
             // release (the kernel sends RELEASE after close() returns) reuses the
             // handle and its writer lease instead of finding the image busy.
-            let r = self.commit_open(&o);
+            let r = self.sync_open(&o);
             let mut open = self.open.lock().unwrap();
             if o.opens.load(Ordering::SeqCst) == 0 && open.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &o)) {
                 open.remove(&ino);
@@ -488,13 +521,23 @@ impl Vfs {
             let mut h = o.handle.write().unwrap();
             h.write(offset, data)?;
             let full = self.mark_dirty(&o, &h)?;
-            let job = if full { None } else { h.seal_job(self.cfg.seal_at)? };
+            // This write is done. A failure now is background work's (an
+            // earlier job, reading old contents to merge): it dropped the
+            // uncommitted writes, this one included, and the next fsync says so.
+            let job = if full {
+                None
+            } else {
+                h.seal_job(self.cfg.seal_at).unwrap_or_else(|e| {
+                    self.writes_lost(&o, h.name(), &e);
+                    None
+                })
+            };
             (full, job)
         };
         if let Some(job) = job {
             // On the sealing pool, so this write is answered now. Bounded: the
             // blocks it holds count toward `dirty_limit`, and a commit waits
-            // for it. Its error, if any, comes back from the next write or commit.
+            // for it. Its error, if any, is met by the next write or commit.
             rayon::spawn(move || job.run());
         }
         if full {
@@ -506,7 +549,7 @@ impl Vfs {
     /// Make everything written through this image durable.
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let (_, o) = self.file(fh)?;
-        self.commit_open(&o)
+        self.sync_open(&o)
     }
 
     /// Set the size of an image (open or not).
