@@ -129,6 +129,9 @@ pub enum Op {
         img: usize,
         /// Fault kind.
         kind: u8,
+        /// Where in the commit: the `at`-th sync or append from now, or
+        /// ENOSPC after `at` KiB (a commit that ends first succeeds).
+        at: u8,
     },
     /// Power loss: uncommitted changes and unsynced pack bytes are lost; reopen.
     Crash,
@@ -173,7 +176,8 @@ pub fn op(faults: bool) -> impl Strategy<Value = Op> {
     if faults {
         prop_oneof![
             10 => base,
-            2 => (img.clone(), 0u8..3).prop_map(|(img, kind)| Op::FaultyCommit { img, kind }),
+            2 => (img.clone(), 0u8..3, prop_oneof![Just(0u8), 0u8..4, 0u8..64])
+                .prop_map(|(img, kind, at)| Op::FaultyCommit { img, kind, at }),
             1 => Just(Op::Crash),
         ]
         .boxed()

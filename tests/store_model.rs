@@ -237,7 +237,7 @@ impl Sut {
                 self.commit_all();
                 self.store().gc(false).unwrap();
             }
-            Op::FaultyCommit { img, kind } => {
+            Op::FaultyCommit { img, kind, at } => {
                 let Backend::Fault(f) = &self.backend else {
                     return;
                 };
@@ -249,17 +249,18 @@ impl Sut {
                 for i in (0..SLOTS).filter(|&i| i != img) {
                     self.commit(i);
                 }
+                let at = at as u64;
                 f.set_plan(match kind {
                     0 => FaultPlan {
-                        fail_sync_at: Some(0),
+                        fail_sync_at: Some(at),
                         ..Default::default()
                     },
                     1 => FaultPlan {
-                        enospc_after_bytes: Some(0),
+                        enospc_after_bytes: Some(at << 10),
                         ..Default::default()
                     },
                     _ => FaultPlan {
-                        short_write_at: Some(0),
+                        short_write_at: Some(at),
                         ..Default::default()
                     },
                 });

@@ -648,7 +648,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     OpenMode::ReadWrite
                 },
             )?;
-            let p = store.gc(dry_run)?;
+            let pb = progress_bar(0, "compacting packs");
+            let p = store.gc_with(
+                dry_run,
+                &|plan| {
+                    if !dry_run {
+                        pb.set_length(plan.compact_bytes())
+                    }
+                },
+                &|n| pb.inc(n),
+            )?;
+            pb.finish_and_clear();
             println!(
                 "{}{} unreferenced blocks ({} stored); {} packs to delete, {} to compact; {} reclaimed",
                 if dry_run { "plan: " } else { "gc: " },

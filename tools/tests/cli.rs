@@ -260,6 +260,100 @@ fn scrub_exits_nonzero_on_damage_and_reindex_reports() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("still missing"));
 }
 
+/// Where the store is (`--store`, `GEOSYNC_STORE`, `./data`), snapshot
+/// delete, `gc --dry-run` then `gc`, `repair --reindex` of a store whose
+/// index was lost, and a store of another format version, all as the binary
+/// reports them.
+#[test]
+fn store_location_snapshot_delete_gc_and_repair() {
+    let t = tempfile::tempdir().unwrap();
+    let bare = |dir: &Path, env: Option<&Path>, args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.current_dir(dir).args(args).env_remove("RUST_LOG");
+        match env {
+            Some(s) => c.env("GEOSYNC_STORE", s),
+            None => c.env_remove("GEOSYNC_STORE"),
+        };
+        c.output().unwrap()
+    };
+    // Default: ./data under the working directory.
+    let cwd = t.path().join("cwd");
+    fs::create_dir(&cwd).unwrap();
+    assert!(bare(&cwd, None, &["init"]).status.success());
+    assert!(cwd.join("data/meta.db").exists());
+    // GEOSYNC_STORE.
+    let store = t.path().join("s");
+    assert!(bare(&cwd, Some(&store), &["init", "--block-size", "16K"])
+        .status
+        .success());
+    assert!(store.join("meta.db").exists());
+    assert!(bare(&cwd, Some(&store), &["create", "vm", "1G"]).status.success());
+    assert!(ok(&store, &["ls"]).contains("vm"));
+
+    // Snapshot delete.
+    ok(&store, &["snapshot", "create", "vm", "s1"]);
+    ok(&store, &["snapshot", "delete", "vm", "s1"]);
+    assert!(!ok(&store, &["snapshot", "list", "vm"]).contains("s1"));
+    let o = gs(&store, &["snapshot", "delete", "vm", "s1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("has no snapshot \"s1\""),
+        "{o:?}"
+    );
+
+    // gc --dry-run plans and changes nothing; gc reclaims.
+    let src = t.path().join("f");
+    fs::write(&src, geosync_suite::kit::noise(9, 4 << 20)).unwrap();
+    ok(&store, &["import", "gone", src.to_str().unwrap()]);
+    ok(&store, &["import", "kept", src.to_str().unwrap()]);
+    fs::write(&src, geosync_suite::kit::noise(10, 4 << 20)).unwrap();
+    ok(&store, &["import", "gone", src.to_str().unwrap()]); // new blocks
+    ok(&store, &["rm", "gone"]);
+    let pack_bytes = |s: &Path| -> u64 {
+        fs::read_dir(s.join("packs"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let before = pack_bytes(&store);
+    let plan = ok(&store, &["gc", "--dry-run"]);
+    assert!(plan.starts_with("plan: 256 unreferenced blocks"), "{plan}");
+    assert_eq!(pack_bytes(&store), before);
+    let done = ok(&store, &["gc"]);
+    assert!(done.starts_with("gc: 256 unreferenced blocks"), "{done}");
+    assert!(pack_bytes(&store) < before - (3 << 20), "{done}");
+    assert!(ok(&store, &["gc", "--dry-run"]).starts_with("plan: 0 unreferenced"));
+
+    // repair --reindex rebuilds a lost block index from the packs.
+    let db = rusqlite::Connection::open(store.join("meta.db")).unwrap();
+    db.execute("DELETE FROM blocks", []).unwrap();
+    drop(db);
+    let out = t.path().join("out");
+    assert_eq!(
+        gs(&store, &["export", "kept", out.to_str().unwrap()])
+            .status
+            .code(),
+        Some(1)
+    );
+    let r = ok(&store, &["repair", "--reindex"]);
+    assert!(r.contains("256"), "{r}");
+    ok(&store, &["export", "kept", out.to_str().unwrap()]);
+    assert_eq!(b3(&out), blake3::hash(&geosync_suite::kit::noise(9, 4 << 20)));
+    ok(&store, &["scrub"]);
+
+    // Another format version.
+    let db = rusqlite::Connection::open(store.join("meta.db")).unwrap();
+    db.execute("UPDATE store SET value = 99 WHERE key = 'format_version'", [])
+        .unwrap();
+    drop(db);
+    let o = gs(&store, &["ls"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("store format version 99 is not supported"),
+        "{o:?}"
+    );
+}
+
 /// `kill -9` at random points of an import: afterwards the image is exactly
 /// the old or the new version, and the store is clean.
 #[test]

@@ -48,6 +48,13 @@ pub struct GcPlan {
     pub reclaim_bytes: u64,
 }
 
+impl GcPlan {
+    /// Bytes of the packs to compact: the work that takes time.
+    pub fn compact_bytes(&self) -> u64 {
+        self.compact_packs.iter().map(|(_, _, len)| len).sum()
+    }
+}
+
 /// One damaged or missing block and who uses it.
 #[derive(Clone, Debug)]
 pub struct Damage {
@@ -142,23 +149,39 @@ impl Store {
     /// Run GC: plan, then (unless `dry_run`) sweep and compact. Returns the
     /// plan that was carried out.
     pub fn gc(&self, dry_run: bool) -> Result<GcPlan> {
+        self.gc_with(dry_run, &|_| {}, &|_| {})
+    }
+
+    /// [`Store::gc`], telling `planned` the plan once made, and `progress`
+    /// the bytes of packs compacted as each is done (the plan's
+    /// [`GcPlan::compact_bytes`] in all; deleting a pack is quick).
+    pub fn gc_with(
+        &self,
+        dry_run: bool,
+        planned: &dyn Fn(&GcPlan),
+        progress: &dyn Fn(u64),
+    ) -> Result<GcPlan> {
         if dry_run {
-            return self.gc_plan();
+            let plan = self.gc_plan()?;
+            planned(&plan);
+            return Ok(plan);
         }
         self.check_writable()?;
         let _gc = self.gc_enter()?;
         self.close_active_pack();
         let plan = self.gc_plan()?;
+        planned(&plan);
         let swept = self
             .db()
             .execute("DELETE FROM blocks WHERE hash NOT IN (SELECT hash FROM map)", [])?;
         info!(swept, "gc: swept unreferenced blocks");
-        for &(id, _, _) in &plan.compact_packs {
+        for &(id, _, len) in &plan.compact_packs {
             if self.claim(id)? {
                 let r = self.compact_pack(id);
                 self.inner.packs.release(id);
                 r?;
             }
+            progress(len);
         }
         for &id in &plan.delete_packs {
             if !self.claim(id)? {
