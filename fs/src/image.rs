@@ -127,18 +127,39 @@ fn holds_bytes(d: &Dirty) -> bool {
 /// Old blocks being read ahead for partial writes, at most.
 const PREFETCH_MAX: usize = 256;
 
-/// Threads reading old block contents for partial writes, many at a time
-/// (the reads wait on the disk, not the CPU).
-fn read_pool() -> &'static rayon::ThreadPool {
-    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(16)
-            .thread_name(|i| format!("geosync-read-{i}"))
-            .build()
-            .expect("starting the read pool")
+/// Threads reading old block contents ahead of partial writes. They wait
+/// on the disk, not the CPU, and sleep when idle: a rayon pool's idle
+/// threads spin on `sched_yield`, which on a 2-core machine took a third of
+/// the CPU under random writes.
+const PREFETCH_THREADS: usize = 8;
+
+/// Queue of the prefetch threads (started on first use).
+fn prefetch_queue() -> &'static Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>> {
+    static Q: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>> =
+        std::sync::OnceLock::new();
+    Q.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..PREFETCH_THREADS {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("geosync-prefetch-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap().recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })
+                .expect("starting a prefetch thread");
+        }
+        Mutex::new(tx)
     })
 }
+
+/// Threads merging one seal job's partial blocks (reading their old
+/// contents), at most.
+const MERGE_THREADS: usize = 8;
 
 /// Where a block's content comes from, for copying ranges by sharing.
 #[derive(Clone, Debug)]
@@ -577,10 +598,13 @@ impl ImageHandle {
             }
             if QUEUED.fetch_add(1, Ordering::Relaxed) < PREFETCH_MAX {
                 let store = self.store.clone();
-                read_pool().spawn(move || {
+                let job = Box::new(move || {
                     let _ = store.read_block_shared(&h); // an error shows when the block is merged
                     QUEUED.fetch_sub(1, Ordering::Relaxed);
                 });
+                if prefetch_queue().lock().unwrap().send(job).is_err() {
+                    QUEUED.fetch_sub(1, Ordering::Relaxed);
+                }
             } else {
                 QUEUED.fetch_sub(1, Ordering::Relaxed);
             }
@@ -1083,8 +1107,7 @@ impl ImageHandle {
             .copied()
             .filter(|k| matches!(self.dirty.get(k), Some(Dirty::Partial(_))))
             .collect();
-        let merged: Vec<Result<Vec<u8>>> =
-            read_pool().install(|| partial.par_iter().map(|&k| self.block_contents(k)).collect());
+        let merged = self.merge_partials(&partial);
         for (k, m) in partial.into_iter().zip(merged) {
             self.dirty.insert(k, Dirty::Data(m?.into()));
         }
@@ -1110,6 +1133,41 @@ impl ImageHandle {
             jobs: self.jobs.clone(),
             _gate: gate,
         })
+    }
+
+    /// Full contents of the partial blocks `keys`: their old contents read
+    /// on up to [`MERGE_THREADS`] threads (the reads wait on the disk).
+    fn merge_partials(&self, keys: &[u64]) -> Vec<Result<Vec<u8>>> {
+        let threads = keys.len().div_ceil(4).min(MERGE_THREADS);
+        if threads <= 1 {
+            return keys.iter().map(|&k| self.block_contents(k)).collect();
+        }
+        let next = AtomicUsize::new(0);
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..keys.len()).map(|_| None).collect();
+        let parts: Vec<Vec<(usize, Result<Vec<u8>>)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut got = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= keys.len() {
+                                return got;
+                            }
+                            got.push((i, self.block_contents(keys[i])));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for (i, r) in parts.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        out.into_iter().map(|r| r.expect("every block merged")).collect()
     }
 
     /// A job sealing dirty blocks outside this handle, when at least
