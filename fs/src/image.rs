@@ -133,12 +133,14 @@ const PREFETCH_MAX: usize = 256;
 /// the CPU under random writes.
 const PREFETCH_THREADS: usize = 8;
 
+/// A read for the prefetch threads.
+type Prefetch = Box<dyn FnOnce() + Send>;
+
 /// Queue of the prefetch threads (started on first use).
-fn prefetch_queue() -> &'static Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>> {
-    static Q: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>> =
-        std::sync::OnceLock::new();
+fn prefetch_queue() -> &'static Mutex<std::sync::mpsc::Sender<Prefetch>> {
+    static Q: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Prefetch>>> = std::sync::OnceLock::new();
     Q.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Prefetch>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..PREFETCH_THREADS {
             let rx = rx.clone();
@@ -348,37 +350,45 @@ fn seal_blocks(
     known: &Mutex<HashMap<BlockHash, BlockLoc>>,
     blocks: &[(u64, u64, Dirty)],
 ) -> Result<SealOutput> {
-    let named: Vec<(u64, u64, Option<BlockHash>)> = blocks
+    let compress = matches!(store.config().compression, pack::Compression::Zstd(_));
+    // Hash, and judge compressibility while the block is in the CPU cache.
+    let named: Vec<(u64, u64, Option<BlockHash>, bool)> = blocks
         .par_iter()
         .map(|(block, gen, d)| {
-            let h = match d {
-                Dirty::Zero => None,
-                Dirty::Data(data) if is_zero(data) => None,
-                Dirty::Data(data) => Some(pack::hash_block(data)),
-                Dirty::Ref(h) => Some(*h), // already stored, kept by the gate
+            let (h, worth) = match d {
+                Dirty::Zero => (None, false),
+                Dirty::Data(data) if is_zero(data) => (None, false),
+                Dirty::Data(data) => (
+                    Some(pack::hash_block(data)),
+                    compress && pack::looks_compressible(data),
+                ),
+                Dirty::Ref(h) => (Some(*h), false), // already stored, kept by the gate
                 Dirty::Partial(_) => unreachable!("partial blocks are merged before they are sealed"),
             };
-            (*block, *gen, h)
+            (*block, *gen, h, worth)
         })
         .collect();
-    let mut to_seal: Vec<(BlockHash, &Arc<[u8]>)> = Vec::new();
+    let mut to_seal: Vec<(BlockHash, &Arc<[u8]>, bool)> = Vec::new();
     {
         let known = known.lock().unwrap();
         let mut seen: HashSet<BlockHash> = HashSet::new();
-        for ((_, _, h), (_, _, d)) in named.iter().zip(blocks) {
+        for ((_, _, h, worth), (_, _, d)) in named.iter().zip(blocks) {
             if let (Some(h), Dirty::Data(data)) = (h, d) {
                 if !known.contains_key(h) && seen.insert(*h) {
-                    to_seal.push((*h, data));
+                    to_seal.push((*h, data, *worth));
                 }
             }
         }
     }
+    let named: Vec<(u64, u64, Option<BlockHash>)> = named.into_iter().map(|(b, g, h, _)| (b, g, h)).collect();
     let absent: HashSet<BlockHash> = store
-        .lacking(&to_seal.iter().map(|(h, _)| *h).collect::<Vec<_>>())?
+        .lacking(&to_seal.iter().map(|(h, _, _)| *h).collect::<Vec<_>>())?
         .into_iter()
         .collect();
-    let lacking: Vec<(BlockHash, &Arc<[u8]>)> =
-        to_seal.into_iter().filter(|(h, _)| absent.contains(h)).collect();
+    let lacking: Vec<(BlockHash, &Arc<[u8]>, bool)> = to_seal
+        .into_iter()
+        .filter(|(h, _, _)| absent.contains(h))
+        .collect();
     let mut out = SealOutput {
         blocks: named,
         appended: Vec::new(),
@@ -390,7 +400,7 @@ fn seal_blocks(
     let compression = store.config().compression;
     let sealed: Vec<pack::Sealed> = lacking
         .par_iter()
-        .map(|(h, data)| pack::seal_shared(data, *h, compression))
+        .map(|(h, data, worth)| pack::seal_shared(data, *h, compression, Some(*worth)))
         .collect();
     let r = store.append_pinned(&sealed, &mut out.pinned);
     let locs = match r {
@@ -1188,6 +1198,28 @@ impl ImageHandle {
                 Err(e)
             }
         }
+    }
+
+    /// Every dirty block, taken into jobs of at most [`SEAL_CHUNK`] blocks
+    /// (first applying what finished jobs did). Running them before
+    /// [`ImageHandle::commit`] moves the hashing, compressing and appending
+    /// out of whatever lock guards this handle: the commit then only waits
+    /// for them. On error the uncommitted changes are dropped, as for a
+    /// failed commit.
+    pub fn seal_jobs_all(&mut self) -> Result<Vec<SealJob>> {
+        self.check_writable()?;
+        let r = (|| {
+            self.apply_jobs(self.jobs.take())?;
+            let mut jobs = Vec::new();
+            while !self.dirty.is_empty() {
+                jobs.push(self.take_job(SEAL_CHUNK)?);
+            }
+            Ok(jobs)
+        })();
+        if r.is_err() {
+            self.reset();
+        }
+        r
     }
 
     /// Apply finished jobs' results. On a job's error the uncommitted
