@@ -23,16 +23,15 @@ struct Sut {
     handles: Vec<Option<ImageHandle>>,
     model: Vec<Option<ModelImage>>,
     snaps: usize,
-    /// A seal job taken and not run yet.
-    job: Option<SealJob>,
+    /// Seal jobs taken and not run yet, with how many byte-changing steps
+    /// they have waited (so two can be outstanding on one image).
+    jobs: Vec<(SealJob, u8)>,
 }
 
 impl Drop for Sut {
     fn drop(&mut self) {
         // Before the handles, which wait for their jobs.
-        if let Some(j) = self.job.take() {
-            j.run();
-        }
+        self.run_jobs(0);
     }
 }
 
@@ -61,7 +60,7 @@ impl Sut {
             handles: (0..SLOTS).map(|_| None).collect(),
             model: vec![None; SLOTS],
             snaps: 0,
-            job: None,
+            jobs: Vec::new(),
         };
         s.reopen();
         s
@@ -111,20 +110,34 @@ impl Sut {
         }
     }
 
+    /// Run the jobs that waited at least `age` steps, oldest first.
+    fn run_jobs(&mut self, age: u8) {
+        let (run, keep) = std::mem::take(&mut self.jobs)
+            .into_iter()
+            .partition(|(_, a)| *a >= age);
+        self.jobs = keep;
+        for (j, _) in run {
+            j.run();
+        }
+    }
+
     fn apply(&mut self, op: &Op) {
-        // A job taken by the previous step runs after this step if it only
-        // changes bytes (it may overwrite what the job holds), else first.
-        let changes_bytes = matches!(op, Op::Write { .. } | Op::Punch { .. } | Op::Resize { .. });
-        if !changes_bytes {
-            if let Some(j) = self.job.take() {
-                j.run();
-            }
+        // Jobs stay outstanding over steps that only change bytes (which may
+        // overwrite what a job holds) or take another job, and run after the
+        // second such step; every other step waits for jobs, so they run first.
+        let overlaps = matches!(
+            op,
+            Op::Write { .. } | Op::Punch { .. } | Op::Resize { .. } | Op::SealJob { .. }
+        );
+        if !overlaps {
+            self.run_jobs(0);
         }
         self.apply_op(op);
-        if changes_bytes {
-            if let Some(j) = self.job.take() {
-                j.run();
+        if overlaps && !matches!(op, Op::SealJob { .. }) {
+            for (_, a) in &mut self.jobs {
+                *a += 1;
             }
+            self.run_jobs(2);
         }
     }
 
@@ -279,7 +292,9 @@ impl Sut {
             }
             Op::SealJob { img } => {
                 if let Some(h) = &mut self.handles[img] {
-                    self.job = h.seal_job(0).unwrap();
+                    if let Some(j) = h.seal_job(0).unwrap() {
+                        self.jobs.push((j, 0));
+                    }
                 }
             }
             Op::Crash => {
@@ -351,9 +366,7 @@ impl Sut {
     /// End of a case: snapshots hold what they pinned, diffs are exact, and
     /// scrub finds nothing wrong.
     fn check_final(&mut self) -> Result<(), TestCaseError> {
-        if let Some(j) = self.job.take() {
-            j.run();
-        }
+        self.run_jobs(0);
         self.commit_all();
         let store = self.store().clone();
         for i in 0..SLOTS {

@@ -54,6 +54,28 @@ enum Dirty {
     /// contents when sealed, or when read. Only in the dirty set, and
     /// always holding a non-zero byte.
     Partial(Box<Partial>),
+    /// A [`Dirty::Partial`] taken by a seal job with what lies below it: the
+    /// job reads the old contents and merges, outside the handle's lock.
+    /// Only in `sealing` and in jobs; holds a non-zero byte.
+    Merge(Arc<Merge>),
+}
+
+/// Written sectors over the old contents of a block, to be merged.
+#[derive(Debug)]
+struct Merge {
+    partial: Partial,
+    base: Base,
+}
+
+/// The old contents under a [`Merge`].
+#[derive(Debug)]
+enum Base {
+    /// A hole.
+    Zero,
+    /// Bytes being sealed by an earlier job.
+    Bytes(Arc<[u8]>),
+    /// A stored block (committed, staged, or shared in).
+    Stored(BlockHash),
 }
 
 /// Granularity of [`Partial`] writes: what block devices write.
@@ -121,7 +143,48 @@ fn sector_aligned(within: usize, len: usize) -> bool {
 
 /// Whether an uncommitted block holds a block's worth of memory.
 fn holds_bytes(d: &Dirty) -> bool {
-    matches!(d, Dirty::Data(_) | Dirty::Partial(_))
+    matches!(d, Dirty::Data(_) | Dirty::Partial(_) | Dirty::Merge(_))
+}
+
+/// A stored block's bytes: from where this handle appended it (not indexed
+/// yet), else through the index.
+fn read_stored(
+    store: &Store,
+    known: &Mutex<HashMap<BlockHash, BlockLoc>>,
+    hash: &BlockHash,
+    image: &str,
+    block: u64,
+) -> Result<Arc<[u8]>> {
+    let loc = known.lock().unwrap().get(hash).copied();
+    let r = match loc {
+        Some(loc) => store.read_record_shared(hash, &loc),
+        None => store.read_block_shared(hash),
+    };
+    r.map_err(|e| e.at_block(image, block))
+}
+
+impl Merge {
+    /// The merged block.
+    fn contents(
+        &self,
+        store: &Store,
+        known: &Mutex<HashMap<BlockHash, BlockLoc>>,
+        image: &str,
+        block: u64,
+    ) -> Result<Vec<u8>> {
+        let bs = self.partial.buf.len();
+        let mut b = match &self.base {
+            Base::Zero => vec![0; bs],
+            Base::Bytes(d) => d.to_vec(),
+            Base::Stored(h) => {
+                let mut v = read_stored(store, known, h, image, block)?.to_vec();
+                v.resize(bs, 0);
+                v
+            }
+        };
+        self.partial.overlay(&mut b);
+        Ok(b)
+    }
 }
 
 /// Old blocks being read ahead for partial writes, at most.
@@ -264,6 +327,11 @@ impl JobState {
         self.done.notify_all();
     }
 
+    /// Jobs taken and not finished.
+    fn running(&self) -> usize {
+        self.state.lock().unwrap().0
+    }
+
     /// Results so far (jobs may still run).
     fn take(&self) -> Vec<JobResult> {
         std::mem::take(&mut self.state.lock().unwrap().1)
@@ -299,6 +367,7 @@ struct SealOutput {
 #[derive(Debug)]
 pub struct SealJob {
     store: Store,
+    image: String,
     epoch: u64,
     blocks: Vec<(u64, u64, Dirty)>,
     ran: bool,
@@ -318,7 +387,7 @@ impl SealJob {
         let blocks = std::mem::take(&mut self.blocks);
         // A panic must still finish the job: the handle waits for every job.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            seal_blocks(&self.store, &self.known, &blocks)
+            seal_blocks(&self.store, &self.known, &self.image, blocks)
         }))
         .unwrap_or_else(|p| {
             let msg = p
@@ -343,13 +412,73 @@ impl Drop for SealJob {
     }
 }
 
+/// Merge partial blocks with their old contents (read on up to
+/// [`MERGE_THREADS`] threads: the reads wait on the disk).
+fn merge_blocks(
+    store: &Store,
+    known: &Mutex<HashMap<BlockHash, BlockLoc>>,
+    image: &str,
+    mut blocks: Vec<(u64, u64, Dirty)>,
+) -> Result<Vec<(u64, u64, Dirty)>> {
+    let todo: Vec<usize> = (0..blocks.len())
+        .filter(|&i| matches!(blocks[i].2, Dirty::Merge(_)))
+        .collect();
+    let merged = parallel_map(&todo, MERGE_THREADS, |&i| match &blocks[i].2 {
+        Dirty::Merge(m) => m.contents(store, known, image, blocks[i].0),
+        _ => unreachable!(),
+    });
+    for (i, m) in todo.into_iter().zip(merged) {
+        blocks[i].2 = Dirty::Data(m?.into());
+    }
+    Ok(blocks)
+}
+
+/// `f` over `items` on up to `threads` scoped threads (4 items or more
+/// each), in order. For work that waits on the disk: rayon's idle workers
+/// spin, these exit.
+fn parallel_map<I: Sync, T: Send>(items: &[I], threads: usize, f: impl Fn(&I) -> T + Sync) -> Vec<T> {
+    let threads = items.len().div_ceil(4).min(threads);
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let parts: Vec<Vec<(usize, T)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut got = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= items.len() {
+                            return got;
+                        }
+                        got.push((i, f(&items[i])));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut out: Vec<Option<T>> = (0..items.len()).map(|_| None).collect();
+    for (i, r) in parts.into_iter().flatten() {
+        out[i] = Some(r);
+    }
+    out.into_iter().map(|r| r.expect("every item mapped")).collect()
+}
+
 /// Hash the blocks, drop zeros, and compress and append those neither the
-/// store nor `known` has (in parallel).
+/// store nor `known` has (in parallel). Partial blocks are merged first.
 fn seal_blocks(
     store: &Store,
     known: &Mutex<HashMap<BlockHash, BlockLoc>>,
-    blocks: &[(u64, u64, Dirty)],
+    image: &str,
+    blocks: Vec<(u64, u64, Dirty)>,
 ) -> Result<SealOutput> {
+    let blocks = merge_blocks(store, known, image, blocks)?;
+    let blocks = &blocks[..];
     let compress = matches!(store.config().compression, pack::Compression::Zstd(_));
     // Hash, and judge compressibility while the block is in the CPU cache.
     let named: Vec<(u64, u64, Option<BlockHash>, bool)> = blocks
@@ -363,7 +492,7 @@ fn seal_blocks(
                     compress && pack::looks_compressible(data),
                 ),
                 Dirty::Ref(h) => (Some(*h), false), // already stored, kept by the gate
-                Dirty::Partial(_) => unreachable!("partial blocks are merged before they are sealed"),
+                Dirty::Partial(_) | Dirty::Merge(_) => unreachable!("partial blocks are merged first"),
             };
             (*block, *gen, h, worth)
         })
@@ -586,12 +715,7 @@ impl ImageHandle {
 
     /// A block's bytes, shared with the read cache (no copy).
     fn read_shared(&self, hash: &BlockHash, block: u64) -> Result<Arc<[u8]>> {
-        let loc = self.new_blocks.lock().unwrap().get(hash).copied();
-        let r = match loc {
-            Some(loc) => self.store.read_record_shared(hash, &loc),
-            None => self.store.read_block_shared(hash),
-        };
-        r.map_err(|e| e.at_block(&self.row.name, block))
+        read_stored(&self.store, &self.new_blocks, hash, &self.row.name, block)
     }
 
     /// Start reading a stored block's old contents into the read cache in
@@ -644,7 +768,8 @@ impl ImageHandle {
                 v.resize(self.bs as usize, 0);
                 Ok(v)
             }
-            Dirty::Partial(_) => unreachable!("partial blocks are merged before they are sealed"),
+            Dirty::Merge(m) => m.contents(&self.store, &self.new_blocks, &self.row.name, block),
+            Dirty::Partial(_) => unreachable!("partial blocks are only in the dirty set"),
         }
     }
 
@@ -681,7 +806,10 @@ impl ImageHandle {
                 Some(Dirty::Partial(p)) if p.covers(within, within + n) => {
                     out.copy_from_slice(&p.buf[within..within + n])
                 }
-                Some(Dirty::Partial(_)) => {
+                Some(Dirty::Merge(m)) if m.partial.covers(within, within + n) => {
+                    out.copy_from_slice(&m.partial.buf[within..within + n])
+                }
+                Some(Dirty::Partial(_) | Dirty::Merge(_)) => {
                     out.copy_from_slice(&self.block_contents(block)?[within..within + n])
                 }
                 Some(Dirty::Data(d)) => out.copy_from_slice(&d[within..within + n]),
@@ -717,7 +845,7 @@ impl ImageHandle {
         Ok(match self.overlay(block) {
             Some(Dirty::Zero) => false,
             Some(Dirty::Data(d)) => !is_zero(d),
-            Some(Dirty::Ref(_) | Dirty::Partial(_)) => true,
+            Some(Dirty::Ref(_) | Dirty::Partial(_) | Dirty::Merge(_)) => true,
             None => self.base_state(block)?.is_some(),
         })
     }
@@ -905,7 +1033,7 @@ impl ImageHandle {
             let now = match &d {
                 Dirty::Zero => false,
                 Dirty::Data(b) => !is_zero(b),
-                Dirty::Ref(_) | Dirty::Partial(_) => true,
+                Dirty::Ref(_) | Dirty::Partial(_) | Dirty::Merge(_) => true,
             };
             self.alloc_adjust(was, now);
         }
@@ -1060,7 +1188,7 @@ impl ImageHandle {
             }
         }
         for (_, (_, d)) in self.sealing.split_off(&nb) {
-            if let Dirty::Data(_) = d {
+            if holds_bytes(&d) {
                 self.sealing_bytes -= self.bs as usize;
             }
         }
@@ -1111,14 +1239,35 @@ impl ImageHandle {
         let gen = self.seal_gen;
         let bs = self.bs as usize;
         let keys: Vec<u64> = self.dirty.keys().take(max_blocks).copied().collect();
-        // Partial blocks: read their old contents, many at a time, and merge.
-        let partial: Vec<u64> = keys
-            .iter()
-            .copied()
-            .filter(|k| matches!(self.dirty.get(k), Some(Dirty::Partial(_))))
-            .collect();
-        let merged = self.merge_partials(&partial);
-        for (k, m) in partial.into_iter().zip(merged) {
+        // Partial blocks: the job reads their old contents and merges, so
+        // the reads do not hold up this handle. What lies below them is
+        // fixed now (a later write goes to the dirty set, above the job).
+        let mut now = Vec::new();
+        for &k in &keys {
+            if !matches!(self.dirty.get(&k), Some(Dirty::Partial(_))) {
+                continue;
+            }
+            let base = match self.sealing.get(&k) {
+                Some((_, Dirty::Zero)) => Base::Zero,
+                Some((_, Dirty::Data(d))) => Base::Bytes(d.clone()),
+                Some((_, Dirty::Ref(h))) => Base::Stored(*h),
+                Some(_) => {
+                    now.push(k); // over a merge still running: merge here (rare)
+                    continue;
+                }
+                None => match self.base_state(k)? {
+                    None => Base::Zero,
+                    Some(h) => Base::Stored(h),
+                },
+            };
+            let Some(Dirty::Partial(p)) = self.dirty.remove(&k) else {
+                unreachable!()
+            };
+            let m = Dirty::Merge(Arc::new(Merge { partial: *p, base }));
+            self.dirty.insert(k, m);
+        }
+        let merged = parallel_map(&now, MERGE_THREADS, |&k| self.block_contents(k));
+        for (k, m) in now.into_iter().zip(merged) {
             self.dirty.insert(k, Dirty::Data(m?.into()));
         }
         let mut blocks = Vec::with_capacity(keys.len());
@@ -1128,7 +1277,11 @@ impl ImageHandle {
                 self.dirty_bytes -= bs;
                 self.sealing_bytes += bs;
             }
-            if let Some((_, Dirty::Data(_))) = self.sealing.insert(k, (gen, d.clone())) {
+            if self
+                .sealing
+                .insert(k, (gen, d.clone()))
+                .is_some_and(|(_, d)| holds_bytes(&d))
+            {
                 self.sealing_bytes -= bs;
             }
             blocks.push((k, gen, d));
@@ -1136,6 +1289,7 @@ impl ImageHandle {
         self.jobs.start();
         Ok(SealJob {
             store: self.store.clone(),
+            image: self.row.name.clone(),
             epoch: self.epoch,
             blocks,
             ran: false,
@@ -1145,50 +1299,24 @@ impl ImageHandle {
         })
     }
 
-    /// Full contents of the partial blocks `keys`: their old contents read
-    /// on up to [`MERGE_THREADS`] threads (the reads wait on the disk).
-    fn merge_partials(&self, keys: &[u64]) -> Vec<Result<Vec<u8>>> {
-        let threads = keys.len().div_ceil(4).min(MERGE_THREADS);
-        if threads <= 1 {
-            return keys.iter().map(|&k| self.block_contents(k)).collect();
-        }
-        let next = AtomicUsize::new(0);
-        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..keys.len()).map(|_| None).collect();
-        let parts: Vec<Vec<(usize, Result<Vec<u8>>)>> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut got = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            if i >= keys.len() {
-                                return got;
-                            }
-                            got.push((i, self.block_contents(keys[i])));
-                        }
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        for (i, r) in parts.into_iter().flatten() {
-            out[i] = Some(r);
-        }
-        out.into_iter().map(|r| r.expect("every block merged")).collect()
-    }
-
     /// A job sealing dirty blocks outside this handle, when at least
     /// `min_bytes` of them wait (first applying what finished jobs did).
     /// Run it with [`SealJob::run`] on any thread. On error (an earlier
     /// job's, or reading old contents to merge) the uncommitted changes are
     /// dropped, as for a failed commit.
     pub fn seal_job(&mut self, min_bytes: usize) -> Result<Option<SealJob>> {
+        self.seal_job_when(min_bytes, false)
+    }
+
+    /// [`ImageHandle::seal_job`], or, when `eager` and no job of this handle
+    /// is running, a job for whatever is dirty: blocks are sealed while the
+    /// writer goes on, so an `fsync` finds little left to seal. (A block
+    /// written again after that is sealed again: CPU spent off the path.)
+    pub fn seal_job_when(&mut self, min_bytes: usize, eager: bool) -> Result<Option<SealJob>> {
         self.check_writable()?;
         self.apply_jobs(self.jobs.take())?;
-        if self.dirty_bytes < min_bytes.max(1) {
+        let idle = eager && self.jobs.running() == 0;
+        if self.dirty_bytes < if idle { 1 } else { min_bytes.max(1) } {
             return Ok(None);
         }
         match self.take_job((SEAL_JOB_BYTES / self.bs as usize).max(1)) {
@@ -1273,7 +1401,7 @@ impl ImageHandle {
             } else {
                 None
             };
-            if let Some((_, Dirty::Data(_))) = self.sealing.remove(&block) {
+            if self.sealing.remove(&block).is_some_and(|(_, d)| holds_bytes(&d)) {
                 self.sealing_bytes -= self.bs as usize;
             }
             match hash {
@@ -1403,7 +1531,9 @@ impl ImageHandle {
                 Ok(match self.overlay(b) {
                     Some(Dirty::Zero) => BlockSource::Hole,
                     Some(Dirty::Data(d)) => BlockSource::Bytes(d[..].into()),
-                    Some(Dirty::Partial(_)) => BlockSource::Bytes(self.block_contents(b)?.into()),
+                    Some(Dirty::Partial(_) | Dirty::Merge(_)) => {
+                        BlockSource::Bytes(self.block_contents(b)?.into())
+                    }
                     Some(Dirty::Ref(h)) => BlockSource::Stored(*h),
                     None => match self.base_state(b)? {
                         None => BlockSource::Hole,
@@ -1523,6 +1653,61 @@ mod tests {
         assert_eq!(h.seek_data(0).unwrap(), None);
         h.commit().unwrap();
         assert_eq!(s.image_info("a").unwrap().referenced, 0);
+    }
+
+    /// Two jobs outstanding on one block: a sector write taken by a job
+    /// (merged by the job, off the handle), then another sector write to the
+    /// same block taken by a second job while the first still holds it (over
+    /// a whole block: merged on its bytes; over a merge: merged at once).
+    /// Reads are right at every step, whichever job runs first.
+    #[test]
+    fn stacked_jobs_over_one_block_merge_in_order() {
+        for first_runs_first in [true, false] {
+            for whole_first in [true, false] {
+                let (_d, s) = store();
+                s.create_image("a", 2 * 4096).unwrap();
+                let mut h = s.open_image("a").unwrap();
+                h.write(0, &[7; 2 * 4096]).unwrap();
+                h.commit().unwrap();
+                let mut expect = vec![7u8; 2 * 4096];
+                let check = |h: &ImageHandle, expect: &[u8]| {
+                    let mut buf = vec![0xAA; 2 * 4096];
+                    h.read(0, &mut buf).unwrap();
+                    assert_eq!(
+                        buf, expect,
+                        "first_runs_first {first_runs_first} whole_first {whole_first}"
+                    );
+                };
+                if whole_first {
+                    h.write(4096, &[3; 4096]).unwrap(); // a whole block: Data
+                    expect[4096..].fill(3);
+                } else {
+                    h.write(4096 + 512, &[1; 512]).unwrap(); // a sector: merged by the job
+                    expect[4096 + 512..4096 + 1024].fill(1);
+                }
+                let j1 = h.seal_job(0).unwrap().unwrap();
+                check(&h, &expect);
+                h.write(4096 + 2048, &[2; 1024]).unwrap();
+                expect[4096 + 2048..4096 + 3072].fill(2);
+                check(&h, &expect);
+                let j2 = h.seal_job(0).unwrap().unwrap();
+                check(&h, &expect);
+                if first_runs_first {
+                    j1.run();
+                    check(&h, &expect);
+                    j2.run();
+                } else {
+                    j2.run();
+                    check(&h, &expect);
+                    j1.run();
+                }
+                check(&h, &expect);
+                h.commit().unwrap();
+                check(&h, &expect);
+                drop(h);
+                check(&s.open_image("a").unwrap(), &expect);
+            }
+        }
     }
 
     #[test]

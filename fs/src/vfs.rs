@@ -52,6 +52,8 @@ pub struct VfsConfig {
     pub commit_interval: Duration,
     /// Dirty bytes of an open image that start a background seal job.
     pub seal_at: usize,
+    /// Also start one for any dirty block while no job of that image runs.
+    pub eager_seal: bool,
 }
 
 impl Default for VfsConfig {
@@ -60,6 +62,7 @@ impl Default for VfsConfig {
             dirty_limit: 256 << 20,
             commit_interval: Duration::from_secs(5),
             seal_at: crate::image::SEAL_JOB_BYTES,
+            eager_seal: true,
         }
     }
 }
@@ -496,12 +499,17 @@ impl Vfs {
 
     /// Read up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let (_, o) = self.file(fh)?;
-        let h = o.handle.read().unwrap();
         let mut buf = vec![0u8; size as usize];
-        let n = h.read(offset, &mut buf)?;
+        let n = self.read_into(fh, offset, &mut buf)?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Read into `buf` at `offset`; returns the bytes read (short at the end).
+    pub fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let (_, o) = self.file(fh)?;
+        let h = o.handle.read().unwrap();
+        h.read(offset, buf)
     }
 
     fn mark_dirty(&self, o: &OpenImage, h: &ImageHandle) -> Result<bool> {
@@ -527,10 +535,11 @@ impl Vfs {
             let job = if full {
                 None
             } else {
-                h.seal_job(self.cfg.seal_at).unwrap_or_else(|e| {
-                    self.writes_lost(&o, h.name(), &e);
-                    None
-                })
+                h.seal_job_when(self.cfg.seal_at, self.cfg.eager_seal)
+                    .unwrap_or_else(|e| {
+                        self.writes_lost(&o, h.name(), &e);
+                        None
+                    })
             };
             (full, job)
         };

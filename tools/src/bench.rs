@@ -74,6 +74,9 @@ pub struct FuseBenchArgs {
     /// Block size of the geosync store.
     #[arg(long, default_value = "64K")]
     pub block_size: String,
+    /// Runs of each job on each side (the medians are compared).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
     /// Scratch directory (default: a temporary directory under /var/tmp).
     #[arg(long)]
     pub workdir: Option<PathBuf>,

@@ -2,8 +2,12 @@
 //! against the same `fio` on ext4 loop-mounted from a plain sparse file on the
 //! same disk, in one run. Both loop devices use `--direct-io=on` (a buffered
 //! loop device would read from the host page cache and flatter the
-//! baseline); caches are dropped before each job. Prints ratios and the
-//! mount daemon's peak RSS. Needs root, `fio`, `losetup`, `mkfs.ext4`.
+//! baseline); caches are dropped before each job. Both file systems stay
+//! mounted for the whole run, and each job runs on one then the other,
+//! `--rounds` times, the order alternating: on a noisy machine the same job
+//! varies by 1.5x from run to run, so the ratio is of the medians, and the
+//! range is printed. Prints the mount daemon's peak RSS too. Needs root,
+//! `fio`, `losetup`, `mkfs.ext4`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -120,31 +124,41 @@ impl Drop for Ext4OnLoop {
     }
 }
 
-/// Run the jobs in `dir`; returns (MB/s or IOPS) per job.
-fn run_jobs(dir: &Path, jobs: &[Job]) -> Result<Vec<f64>> {
-    let mut out = Vec::new();
-    for j in jobs {
-        drop_caches();
-        let json = sh(Command::new("fio")
-            .current_dir(dir)
-            .args(["--name=bench", "--output-format=json", "--group_reporting"])
-            .args(&j.args))?;
-        let v: serde_json::Value = serde_json::from_str(&json).context("parsing fio output")?;
-        let side = &v["jobs"][0][if j.read { "read" } else { "write" }];
-        let figure = if j.iops {
-            side["iops"].as_f64().unwrap_or(0.0)
-        } else {
-            side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6
-        };
-        eprintln!(
-            "  {:<26} {:>10.1} {}",
-            j.name,
-            figure,
-            if j.iops { "IOPS" } else { "MB/s" }
-        );
-        out.push(figure);
+/// Run one job in `dir`; returns MB/s or IOPS.
+fn run_job(dir: &Path, j: &Job, side: &str) -> Result<f64> {
+    drop_caches();
+    let json = sh(Command::new("fio")
+        .current_dir(dir)
+        .args(["--name=bench", "--output-format=json", "--group_reporting"])
+        .args(&j.args))?;
+    let v: serde_json::Value = serde_json::from_str(&json).context("parsing fio output")?;
+    let rw = &v["jobs"][0][if j.read { "read" } else { "write" }];
+    let figure = if j.iops {
+        rw["iops"].as_f64().unwrap_or(0.0)
+    } else {
+        rw["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6
+    };
+    eprintln!(
+        "  {:<26} {:<8} {:>10.1} {}",
+        j.name,
+        side,
+        figure,
+        if j.iops { "IOPS" } else { "MB/s" }
+    );
+    Ok(figure)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
-    Ok(out)
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -171,22 +185,11 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
         }
     };
     let jobs = jobs(&args);
-    eprintln!(
-        "plain sparse file, {} (ext4 on loop --direct-io=on):",
-        format_size(args.size)
-    );
+    let rounds = args.rounds.max(1);
     let plain_file = work.join("plain.img");
     fs::File::create(&plain_file)?.set_len(args.size)?;
-    let plain = {
-        let fs = Ext4OnLoop::new(&plain_file, &work.join("plain-mnt"))?;
-        run_jobs(&fs.at, &jobs)?
-    };
-    fs::remove_file(&plain_file)?;
+    let plain_fs = Ext4OnLoop::new(&plain_file, &work.join("plain-mnt"))?;
 
-    eprintln!(
-        "geosync image, {} (ext4 on loop --direct-io=on over the FUSE mount):",
-        format_size(args.size)
-    );
     let store = work.join("store");
     let exe = std::env::current_exe()?;
     sh(Command::new(&exe)
@@ -212,10 +215,28 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let img = mnt.join("bench");
-    let result = (|| -> Result<Vec<f64>> {
+    eprintln!(
+        "fio on ext4 (loop --direct-io=on): a plain sparse file and a geosync image, {} each, {rounds} rounds",
+        format_size(args.size)
+    );
+    let result = (|| -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
         fs::File::create(&img)?.set_len(args.size)?;
-        let fs = Ext4OnLoop::new(&img, &work.join("geo-mnt"))?;
-        run_jobs(&fs.at, &jobs)
+        let geo_fs = Ext4OnLoop::new(&img, &work.join("geo-mnt"))?;
+        let mut figures = vec![(Vec::new(), Vec::new()); jobs.len()];
+        for round in 0..rounds {
+            eprintln!("round {}:", round + 1);
+            for (j, (plain, geo)) in jobs.iter().zip(figures.iter_mut()) {
+                // Alternate which goes first: drift over a round cancels out.
+                if round % 2 == 0 {
+                    plain.push(run_job(&plain_fs.at, j, "plain")?);
+                    geo.push(run_job(&geo_fs.at, j, "geosync")?);
+                } else {
+                    geo.push(run_job(&geo_fs.at, j, "geosync")?);
+                    plain.push(run_job(&plain_fs.at, j, "plain")?);
+                }
+            }
+        }
+        Ok(figures)
     })();
     let rss = peak_rss_kib(daemon.id());
     let _ = Command::new("kill")
@@ -223,25 +244,45 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
         .arg(daemon.id().to_string())
         .status();
     let _ = daemon.wait();
-    let geo = result?;
+    drop(plain_fs);
+    fs::remove_file(&plain_file)?;
+    let figures = result?;
 
     println!(
-        "\nfio on ext4, geosync mount ({} blocks) vs plain sparse file ({} image)",
+        "\nfio on ext4, geosync mount ({} blocks) vs plain sparse file ({} image), median of {rounds}",
         args.block_size,
         format_size(args.size)
     );
-    println!("{:<26} {:>12} {:>12} {:>8}", "job", "plain", "geosync", "ratio");
-    let mut csv = String::from("job,plain,geosync,ratio\n");
-    for ((j, p), g) in jobs.iter().zip(&plain).zip(&geo) {
+    println!(
+        "{:<26} {:>12} {:>12} {:>8}   {}",
+        "job", "plain", "geosync", "ratio", "range (plain; geosync)"
+    );
+    let mut csv = String::from("job,plain,geosync,ratio,plain_runs,geosync_runs\n");
+    for (j, (p, g)) in jobs.iter().zip(&figures) {
         let unit = if j.iops { "IOPS" } else { "MB/s" };
+        let (pm, gm) = (median(p), median(g));
+        let range = |v: &[f64]| {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            format!("{lo:.0}-{hi:.0}")
+        };
         println!(
-            "{:<26} {:>7.0} {unit} {:>7.0} {unit} {:>7.2}x",
+            "{:<26} {:>7.0} {unit} {:>7.0} {unit} {:>7.2}x   {}; {}",
             j.name,
-            p,
-            g,
-            g / p.max(1e-9)
+            pm,
+            gm,
+            gm / pm.max(1e-9),
+            range(p),
+            range(g)
         );
-        csv.push_str(&format!("{},{p:.1},{g:.1},{:.3}\n", j.name, g / p.max(1e-9)));
+        let runs = |v: &[f64]| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" ");
+        csv.push_str(&format!(
+            "{},{pm:.1},{gm:.1},{:.3},{},{}\n",
+            j.name,
+            gm / pm.max(1e-9),
+            runs(p),
+            runs(g)
+        ));
     }
     println!("mount daemon peak RSS: {} MiB", rss / 1024);
     fs::write(work.join("fuse-bench.csv"), csv)?;

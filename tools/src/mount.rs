@@ -78,6 +78,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
             dirty_limit: args.dirty_limit as usize,
             commit_interval: Duration::from_secs_f64(args.commit_interval.max(0.1)),
             seal_at: args.seal_at as usize,
+            ..VfsConfig::default()
         },
     ));
     let (tx, rx) = mpsc::channel::<&'static str>();
