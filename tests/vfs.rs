@@ -310,3 +310,60 @@ fn a_background_failure_is_reported_by_the_next_fsync() {
     assert_eq!(v.read(fh, 2 * BS, BS as u32).unwrap(), later);
     v.release(fh).unwrap();
 }
+
+/// Two images written without pause keep seal jobs in flight, so at any
+/// moment one of them is in the stage gate: a GC in another process (here,
+/// another store handle: its own gc.lock) would wait forever. It announces
+/// itself on gc.intent; the mount's periodic `commit_due` sees that,
+/// commits both images at once, and the GC gets in while the writes go on.
+#[test]
+fn gc_in_another_process_gets_in_while_images_are_busy() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let (d, s) = geosync_suite::kit::disk_store(BS as u32);
+    let v = Arc::new(Vfs::new(
+        s,
+        VfsConfig {
+            commit_interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for name in ["one", "two"] {
+        let (_, fh) = v.create(ROOT_INO, name).unwrap();
+        let (v, stop) = (v.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                v.write(fh, (i % 256) * BS, &noise(i, BS as usize)).unwrap();
+                i += 1;
+            }
+            v.release(fh).unwrap();
+        }));
+    }
+    {
+        let (v, stop) = (v.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                v.commit_due(); // what the mount does every second
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let collector = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(collector.gc(false).map(|_| ()));
+    });
+    // A liveness bound, not a speed check: the GC takes milliseconds here.
+    let r = rx.recv_timeout(Duration::from_secs(60));
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(matches!(r, Ok(Ok(()))), "the GC did not get in: {r:?}");
+    assert!(v.store().scrub(&|_| {}).unwrap().damaged.is_empty());
+}

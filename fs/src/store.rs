@@ -205,12 +205,13 @@ impl Drop for StageGuard {
 
 struct GcGuard {
     inner: Arc<Inner>,
-    cross_process: Option<std::fs::File>,
+    /// `gc.intent` and `gc.lock`, held exclusively.
+    cross_process: Vec<std::fs::File>,
 }
 
 impl Drop for GcGuard {
     fn drop(&mut self) {
-        if let Some(f) = self.cross_process.take() {
+        for f in self.cross_process.drain(..).rev() {
             let _ = f.unlock();
         }
         self.inner.gate.lock().unwrap().gc = false;
@@ -243,6 +244,12 @@ pub(crate) struct Inner {
     /// `STORE/gc.lock`: held shared by a process while it has stagers, and
     /// exclusively by a GC (cross-process half of the stage gate).
     gc_lock: Option<std::fs::File>,
+    /// `STORE/gc.intent`: held exclusively by a GC from before it waits for
+    /// `gc.lock`. A process whose first stager enters passes through it
+    /// shared (so it waits while a GC waits: flock itself lets shared
+    /// lockers overtake an exclusive waiter), and a mount that sees it taken
+    /// commits all its images at once ([`Store::gc_waiting`]).
+    gc_intent: Option<std::fs::File>,
     writer: Mutex<PackWriter>,
     /// Serializes pack syncs (see `sync_packs`).
     sync_lock: Mutex<()>,
@@ -304,20 +311,23 @@ impl Store {
         if !db_path(dir).exists() {
             return Err(Error::NoStore(dir.display().to_string()));
         }
-        let gc_lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("gc.lock"))
-            .ok();
+        let lock_file = |name: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(name))
+                .ok()
+        };
+        let locks = (lock_file("gc.lock"), lock_file("gc.intent"));
         let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("opening packs/", e))?;
         Self::open_inner(
             Some(dir.to_path_buf()),
             &db_path(dir),
             Box::new(packs),
             mode,
-            gc_lock,
+            locks,
         )
     }
 
@@ -326,7 +336,7 @@ impl Store {
         if !db.exists() {
             return Err(Error::NoStore(db.display().to_string()));
         }
-        Self::open_inner(None, db, packs, mode, None)
+        Self::open_inner(None, db, packs, mode, (None, None))
     }
 
     fn open_inner(
@@ -334,7 +344,7 @@ impl Store {
         db: &Path,
         packs: Box<dyn PackStorage>,
         mode: OpenMode,
-        gc_lock: Option<std::fs::File>,
+        (gc_lock, gc_intent): (Option<std::fs::File>, Option<std::fs::File>),
     ) -> Result<Store> {
         let conn = Connection::open(db)?;
         meta::configure(&conn)?;
@@ -370,6 +380,7 @@ impl Store {
                 },
                 mode,
                 gc_lock,
+                gc_intent,
                 writer: Mutex::new(PackWriter::default()),
                 sync_lock: Mutex::new(()),
                 cache: Mutex::new(lru::LruCache::new(cache_entries(DEFAULT_READ_CACHE, block_size))),
@@ -477,14 +488,39 @@ impl Store {
         }
         if st.stagers == 0 {
             if let Some(f) = &self.inner.gc_lock {
-                // Waits while a GC in another process runs.
-                retry_eintr(|| f.lock_shared()).map_err(|e| Error::io("locking gc.lock (shared)", e))?;
+                // Waits while a GC in another process runs or waits to run.
+                // (No stager of this process is in the gate: none waits on us.)
+                if let Some(i) = &self.inner.gc_intent {
+                    retry_eintr(|| i.lock_shared())
+                        .map_err(|e| Error::io("locking gc.intent (shared)", e))?;
+                }
+                let r = retry_eintr(|| f.lock_shared()).map_err(|e| Error::io("locking gc.lock (shared)", e));
+                if let Some(i) = &self.inner.gc_intent {
+                    let _ = i.unlock();
+                }
+                r?;
             }
         }
         st.stagers += 1;
         Ok(StageGuard {
             inner: self.inner.clone(),
         })
+    }
+
+    /// Whether a GC in another process waits for this one's stagers to
+    /// leave the stage gate (a process with writers that seal continuously
+    /// should then commit them all at once).
+    pub fn gc_waiting(&self) -> bool {
+        match &self.inner.gc_intent {
+            Some(i) => match i.try_lock_shared() {
+                Ok(()) => {
+                    let _ = i.unlock();
+                    false
+                }
+                Err(_) => true,
+            },
+            None => false,
+        }
     }
 
     fn gc_enter(&self) -> Result<GcGuard> {
@@ -499,20 +535,24 @@ impl Store {
         drop(st);
         let mut guard = GcGuard {
             inner: self.inner.clone(),
-            cross_process: None,
+            cross_process: Vec::new(),
         };
-        // Then the other processes: wait until none has a commit in flight.
-        // Without that lock there is no GC (dropping the guard reopens the gate).
+        // Then the other processes: announce the GC (their first stagers
+        // wait, their mounts commit), and wait until none has a commit in
+        // flight. Without these locks there is no GC (dropping the guard
+        // reopens the gate).
         if let Some(d) = &self.inner.dir {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(d.join("gc.lock"))
-                .map_err(|e| Error::io("opening gc.lock", e))?;
-            retry_eintr(|| f.lock()).map_err(|e| Error::io("locking gc.lock (exclusive)", e))?;
-            guard.cross_process = Some(f);
+            for name in ["gc.intent", "gc.lock"] {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(d.join(name))
+                    .map_err(|e| Error::io(format!("opening {name}"), e))?;
+                retry_eintr(|| f.lock()).map_err(|e| Error::io(format!("locking {name} (exclusive)"), e))?;
+                guard.cross_process.push(f);
+            }
         }
         Ok(guard)
     }

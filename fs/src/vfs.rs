@@ -746,7 +746,39 @@ impl Vfs {
 
     /// Commit open images whose oldest pending change is older than the
     /// commit interval. Called about once a second by the mount.
+    ///
+    /// When a GC in another process waits ([`Store::gc_waiting`]), every open
+    /// image is committed now, all held at once so that none starts a new
+    /// seal job meanwhile: this process then leaves the stage gate and the
+    /// GC gets in. (Images sealing continuously would otherwise keep some
+    /// writer in the gate forever.)
     pub fn commit_due(&self) {
+        if self.store.gc_waiting() {
+            let mut open: Vec<(u64, Arc<OpenImage>)> = self
+                .open
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(i, o)| (*i, o.clone()))
+                .collect();
+            open.sort_by_key(|(ino, _)| *ino); // the order copy_range locks in
+            let mut held: Vec<_> = open.iter().map(|(_, o)| (o, o.handle.write().unwrap())).collect();
+            for (o, h) in &mut held {
+                if h.is_read_only() {
+                    continue;
+                }
+                let r = h.commit();
+                *o.dirty_since.lock().unwrap() = None;
+                if let Err(e) = &r {
+                    self.writes_lost(o, h.name(), e);
+                }
+            }
+            info!(
+                images = held.len(),
+                "committed every image: a GC in another process waits"
+            );
+            return;
+        }
         let open: Vec<Arc<OpenImage>> = self.open.lock().unwrap().values().cloned().collect();
         for o in open {
             let due = o
