@@ -1306,6 +1306,17 @@ impl Store {
                     params![c.image_id, t as i64, v as i64],
                 )?;
             }
+            // A replaced row that no snapshot pins (born after the newest
+            // one) is deleted outright: marking it dead for the prune below
+            // to delete touched three more index entries per changed block.
+            let newest_snapshot: Option<i64> = tx.query_row(
+                "SELECT MAX(version) FROM snapshots WHERE image = ?1",
+                [c.image_id],
+                |r| r.get(0),
+            )?;
+            let mut drop_row = tx.prepare_cached(
+                "DELETE FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL AND born > ?3",
+            )?;
             let mut kill = tx.prepare_cached(
                 "UPDATE map SET died = ?3 WHERE image = ?1 AND block = ?2 AND died IS NULL",
             )?;
@@ -1313,7 +1324,10 @@ impl Store {
                 "INSERT INTO map(image, block, born, died, hash) VALUES (?1, ?2, ?3, NULL, ?4)",
             )?;
             for (&block, staged) in c.staged {
-                kill.execute(params![c.image_id, block as i64, v as i64])?;
+                let unpinned = newest_snapshot.unwrap_or(-1);
+                if drop_row.execute(params![c.image_id, block as i64, unpinned])? == 0 {
+                    kill.execute(params![c.image_id, block as i64, v as i64])?;
+                }
                 if let Staged::Block(h) = staged {
                     insert.execute(params![c.image_id, block as i64, v as i64, &h.0[..]])?;
                 }
