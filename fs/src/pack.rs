@@ -476,8 +476,34 @@ pub fn open_shared(
             }
             Ok(payload.into())
         }
-        Codec::Zstd => open(payload, codec, raw_len, expected).map(Arc::from),
+        Codec::Zstd => {
+            // Decoded straight into the shared buffer (no copy afterwards).
+            let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, raw_len as usize).collect();
+            decompress_into(payload, Arc::get_mut(&mut out).expect("a new Arc is unique"))?;
+            let actual = hash_block(&out);
+            if &actual != expected {
+                return Err(format!("content hashes to {actual}"));
+            }
+            Ok(out)
+        }
     }
+}
+
+/// Decode a zstd payload into exactly `out.len()` bytes.
+fn decompress_into(payload: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let n = DECOMPRESSOR
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new().expect("zstd decompressor"));
+            }
+            d.as_mut().unwrap().decompress_to_buffer(payload, out)
+        })
+        .map_err(|e| format!("zstd payload does not decode: {e}"))?;
+    if n != out.len() {
+        return Err(format!("payload decodes to {n} bytes, expected {}", out.len()));
+    }
+    Ok(())
 }
 
 /// Decode a payload and verify it against `expected`. `Err` says what failed.
@@ -486,18 +512,7 @@ pub fn open(payload: &[u8], codec: Codec, raw_len: u32, expected: &BlockHash) ->
         Codec::Raw => payload.to_vec(),
         Codec::Zstd => {
             let mut out = vec![0u8; raw_len as usize];
-            let n = DECOMPRESSOR
-                .with(|d| {
-                    let mut d = d.borrow_mut();
-                    if d.is_none() {
-                        *d = Some(zstd::bulk::Decompressor::new().expect("zstd decompressor"));
-                    }
-                    d.as_mut().unwrap().decompress_to_buffer(payload, &mut out)
-                })
-                .map_err(|e| format!("zstd payload does not decode: {e}"))?;
-            if n != raw_len as usize {
-                return Err(format!("payload decodes to {n} bytes, expected {raw_len}"));
-            }
+            decompress_into(payload, &mut out)?;
             out
         }
     };
