@@ -577,6 +577,17 @@ mod tests {
         let last = payload.len() - 1;
         payload[last] ^= 0x40;
         assert!(open(&payload, s.codec, s.raw_len, &h).is_err());
+        assert!(open_shared(&payload, s.codec, s.raw_len, &h).is_err());
+        assert_eq!(
+            &open_shared(s.payload(), s.codec, s.raw_len, &h).unwrap()[..],
+            &data[..]
+        );
+        // Decodes, but to other bytes; or to fewer than the header says.
+        let other = seal(&[8u8; 4096], hash_block(&[8u8; 4096]), Compression::Zstd(1));
+        let e = open_shared(other.payload(), other.codec, 4096, &h).unwrap_err();
+        assert!(e.contains("content hashes to"), "{e}");
+        let short = seal(&[8u8; 2048], hash_block(&[8u8; 2048]), Compression::Zstd(1));
+        assert!(open_shared(short.payload(), short.codec, 4096, &h).is_err());
         assert!(open(&vec![7u8; 4096], Codec::Raw, 4096, &hash_block(b"other")).is_err());
     }
 
