@@ -1706,6 +1706,7 @@ mod tests {
                 check(&h, &expect);
                 drop(h);
                 check(&s.open_image("a").unwrap(), &expect);
+                assert_eq!(s.pins(), 0, "a pack pin leaked");
             }
         }
     }
@@ -1805,6 +1806,70 @@ mod tests {
         assert!(!h.commit().unwrap().changed);
         h.read(0, &mut b).unwrap();
         assert_eq!(b, vec![1; 4096]);
+        drop(h);
+        assert_eq!(s.pins(), 0, "a pack pin leaked");
+    }
+
+    /// Every way a handle's jobs can end gives their pack pins back: applied
+    /// and committed, outstanding when the handle is dropped, taken before a
+    /// discard, failed. (A leaked pin keeps its pack claimed: GC could never
+    /// compact it.)
+    #[test]
+    fn pack_pins_are_given_back() {
+        use crate::backend::{FaultPacks, FaultPlan};
+        let faults = FaultPacks::new(MemPacks::new());
+        let (_d, s) = store_on(faults.clone());
+        s.create_image("a", 8 * 4096).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        // Two jobs applied, then committed.
+        h.write(0, &[1; 2 * 4096]).unwrap();
+        let j1 = h.seal_job(0).unwrap().unwrap();
+        h.write(2 * 4096, &[2; 2 * 4096]).unwrap();
+        let j2 = h.seal_job(0).unwrap().unwrap();
+        j2.run();
+        j1.run();
+        assert!(s.pins() > 0);
+        h.commit().unwrap();
+        assert_eq!(s.pins(), 0, "after a commit");
+        // Jobs run, not applied, when the handle is dropped.
+        h.write(0, &[3; 4096]).unwrap();
+        h.seal_job(0).unwrap().unwrap().run();
+        h.write(4096, &[4; 4096]).unwrap();
+        let outstanding = h.seal_job(0).unwrap().unwrap();
+        outstanding.run();
+        drop(h);
+        assert_eq!(s.pins(), 0, "after a drop with results not applied");
+        // A job taken before a discard.
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &[5; 4096]).unwrap();
+        let j = h.seal_job(0).unwrap().unwrap();
+        h.discard();
+        j.run();
+        h.write(4096, &[6; 4096]).unwrap();
+        h.commit().unwrap();
+        assert_eq!(s.pins(), 0, "after a discard");
+        // A failed job, and a failed commit.
+        h.write(0, &[7; 4096]).unwrap();
+        h.seal_job(0).unwrap().unwrap().run(); // appended, pinned
+        faults.set_plan(FaultPlan {
+            enospc_after_bytes: Some(0),
+            ..Default::default()
+        });
+        h.write(4096, &[8; 4096]).unwrap();
+        h.seal_job(0).unwrap().unwrap().run(); // fails
+        assert!(h.commit().is_err());
+        faults.set_plan(FaultPlan::default());
+        assert_eq!(s.pins(), 0, "after a failed job");
+        h.write(0, &[9; 4096]).unwrap();
+        faults.set_plan(FaultPlan {
+            fail_sync_at: Some(0),
+            ..Default::default()
+        });
+        assert!(h.commit().is_err());
+        faults.set_plan(FaultPlan::default());
+        assert_eq!(s.pins(), 0, "after a failed commit");
+        drop(h);
+        assert_eq!(s.pins(), 0);
     }
 
     #[test]
@@ -1830,6 +1895,7 @@ mod tests {
         drop(h);
         s.open_image("a").unwrap().read(0, &mut b).unwrap();
         assert_eq!(b, vec![5; 2 * 4096]);
+        assert_eq!(s.pins(), 0, "a pack pin leaked");
     }
 
     #[test]

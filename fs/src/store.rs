@@ -707,6 +707,12 @@ impl Store {
     }
 
     /// A handle committed (or dropped) its records in these packs.
+    /// Pins held on packs, in all (tests: every handle gives its pins back).
+    #[cfg(test)]
+    pub(crate) fn pins(&self) -> usize {
+        self.inner.writer.lock().unwrap().users.values().sum()
+    }
+
     pub(crate) fn unpin_packs(&self, ids: impl IntoIterator<Item = PackId>) {
         let mut w = self.inner.writer.lock().unwrap();
         for id in ids {
