@@ -261,8 +261,10 @@ fn crossing_copies_do_not_deadlock() {
 
 /// A failure in background work (a seal job, a timed commit) drops the
 /// image's uncommitted writes after they were acknowledged: the next fsync
-/// must fail with ENOSPC (never claim them durable), once; what was fsync'd
-/// before stays, and writes after the failure commit normally.
+/// must fail with ENOSPC (never claim them durable), once per file handle
+/// open at the time — a reader's close must not use up the writer's error —
+/// and not on a handle opened afterwards; what was fsync'd before stays,
+/// and writes after the failure commit normally.
 #[test]
 fn a_background_failure_is_reported_by_the_next_fsync() {
     use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
@@ -281,10 +283,11 @@ fn a_background_failure_is_reported_by_the_next_fsync() {
         ..Default::default()
     };
     let v = Vfs::new(s, cfg);
-    let (_, fh) = v.create(ROOT_INO, "img").unwrap();
+    let (a, fh) = v.create(ROOT_INO, "img").unwrap();
     let kept = noise(1, BS as usize);
     v.write(fh, 0, &kept).unwrap();
     v.fsync(fh).unwrap();
+    let reader = v.open(a.ino, false).unwrap(); // say, a backup tool
 
     packs.set_plan(FaultPlan {
         enospc_after_bytes: Some(0),
@@ -297,6 +300,12 @@ fn a_background_failure_is_reported_by_the_next_fsync() {
     let later = noise(3, BS as usize);
     v.write(fh, 2 * BS, &later).unwrap();
 
+    let late = v.open(a.ino, false).unwrap();
+    // The reader closes first (its flush): it is told, and the writer still is.
+    assert_eq!(v.fsync(reader).unwrap_err().errno(), libc::ENOSPC);
+    v.release(reader).unwrap();
+    v.fsync(late).unwrap(); // opened after the failure
+    v.release(late).unwrap();
     let e = v.fsync(fh).unwrap_err();
     assert!(
         matches!(e, Error::WritesLost { ref image, .. } if image == "img"),

@@ -645,6 +645,12 @@ impl ImageHandle {
             || self.trunc_from.is_some()
     }
 
+    /// Whether this handle holds the stage gate (from its first sealed or
+    /// shared block until its commit ends).
+    pub fn in_stage_gate(&self) -> bool {
+        self.guard.is_some()
+    }
+
     /// Bound the dirty set (bytes of whole blocks); past it, writes seal.
     pub fn set_dirty_limit(&mut self, bytes: usize) {
         self.dirty_limit = bytes.max(self.bs as usize);

@@ -248,7 +248,7 @@ pub(crate) struct Inner {
     /// `gc.lock`. A process whose first stager enters passes through it
     /// shared (so it waits while a GC waits: flock itself lets shared
     /// lockers overtake an exclusive waiter), and a mount that sees it taken
-    /// commits all its images at once ([`Store::gc_waiting`]).
+    /// stops sealing and commits the images in the gate ([`Store::gc_waiting`]).
     gc_intent: Option<std::fs::File>,
     writer: Mutex<PackWriter>,
     /// Serializes pack syncs (see `sync_packs`).

@@ -184,10 +184,12 @@ struct OpenImage {
     opens: AtomicU64,
     /// When the oldest uncommitted change was made (None: nothing pending).
     dirty_since: Mutex<Option<Instant>>,
-    /// A failure of background work (a seal job, a timed commit, a commit
-    /// answered to a write) that dropped acknowledged writes: the next
-    /// `fsync`/`flush` returns it, so durability is never claimed for them.
-    lost: Mutex<Option<Error>>,
+    /// Failures of background work (a seal job, a timed commit, a commit
+    /// answered to a write) that dropped acknowledged writes: how many so
+    /// far, and the last one (image, cause, errno). Like the kernel's
+    /// `errseq`, every file handle open when one happens gets it once from
+    /// its next `fsync`/`flush`, so durability is never claimed for them.
+    lost: Mutex<(u64, Option<(String, String, i32)>)>,
 }
 
 /// The mounted filesystem, independent of FUSE.
@@ -196,7 +198,12 @@ pub struct Vfs {
     cfg: VfsConfig,
     nodes: Mutex<Nodes>,
     open: Mutex<HashMap<u64, Arc<OpenImage>>>,
-    fhs: Mutex<HashMap<u64, u64>>,
+    /// Open file handles: inode, and the count of lost-writes failures of
+    /// the image this handle has been told of (or was opened after).
+    fhs: Mutex<HashMap<u64, (u64, u64)>>,
+    /// A GC in another process waits (checked by [`Vfs::commit_due`]): no
+    /// new seal jobs start, so this process can leave the stage gate.
+    gc_draining: std::sync::atomic::AtomicBool,
     next_fh: AtomicU64,
     mounted_ms: u64,
 }
@@ -214,6 +221,7 @@ impl Vfs {
             nodes: Mutex::new(Nodes::default()),
             open: Mutex::new(HashMap::new()),
             fhs: Mutex::new(HashMap::new()),
+            gc_draining: std::sync::atomic::AtomicBool::new(false),
             next_fh: AtomicU64::new(1),
             mounted_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -388,7 +396,7 @@ impl Vfs {
                         handle: RwLock::new(h),
                         opens: AtomicU64::new(0),
                         dirty_since: Mutex::new(None),
-                        lost: Mutex::new(None),
+                        lost: Mutex::new((0, None)),
                     });
                     open.insert(ino, o.clone());
                     o
@@ -417,16 +425,18 @@ impl Vfs {
             }
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
-        self.fhs.lock().unwrap().insert(fh, ino);
+        let seen = o.lost.lock().unwrap().0;
+        self.fhs.lock().unwrap().insert(fh, (ino, seen));
         Ok(fh)
     }
 
     fn file(&self, fh: u64) -> Result<(u64, Arc<OpenImage>)> {
-        let ino = *self
+        let ino = self
             .fhs
             .lock()
             .unwrap()
             .get(&fh)
+            .map(|(ino, _)| *ino)
             .ok_or_else(|| Error::InvalidArgument(format!("bad file handle {fh}")))?;
         let o = self
             .open
@@ -439,12 +449,37 @@ impl Vfs {
     }
 
     /// Commit an open image. A failure dropped acknowledged writes: it is
-    /// also kept for the next `fsync`/`flush` (see [`Vfs::sync_open`]).
+    /// also kept for the next `fsync`/`flush` of every handle (see
+    /// [`Vfs::sync_open`]).
     fn commit_open(&self, o: &OpenImage) -> Result<()> {
-        let mut h = o.handle.write().unwrap();
-        if h.is_read_only() {
-            return Ok(());
+        // Seal the dirty blocks without holding the image: other requests go
+        // on reading and writing meanwhile (a commit of a full dirty set
+        // takes a fifth of a second). Not while a GC waits: it would enter
+        // the stage gate now; the commit below does that if it must.
+        let jobs = {
+            let mut h = o.handle.write().unwrap();
+            if h.is_read_only() {
+                return Ok(());
+            }
+            if self.gc_draining.load(Ordering::Relaxed) {
+                Vec::new()
+            } else {
+                match h.seal_jobs_all() {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        *o.dirty_since.lock().unwrap() = None;
+                        self.writes_lost(o, h.name(), &e);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        for job in jobs {
+            job.run();
         }
+        // The commit waits for those jobs (and any a writer started since),
+        // seals what was written meanwhile, and switches the version.
+        let mut h = o.handle.write().unwrap();
         let r = h.commit();
         *o.dirty_since.lock().unwrap() = None;
         if let Err(e) = &r {
@@ -457,27 +492,42 @@ impl Vfs {
     fn writes_lost(&self, o: &OpenImage, image: &str, e: &Error) {
         warn!(image, error = %e, "uncommitted writes were dropped; the next fsync reports it");
         let mut lost = o.lost.lock().unwrap();
-        if lost.is_none() {
-            *lost = Some(Error::WritesLost {
-                image: image.to_string(),
-                cause: e.to_string(),
-                errno: e.errno(),
-            });
-        }
+        lost.0 += 1;
+        lost.1 = Some((image.to_string(), e.to_string(), e.errno()));
     }
 
-    /// `fsync`/`flush`: commit, and fail if this commit, or any background
-    /// work since the last such call, lost acknowledged writes.
-    fn sync_open(&self, o: &OpenImage) -> Result<()> {
+    /// `fsync`/`flush` on `fh`: commit, and fail if this commit, or any
+    /// background work since this handle last asked (or was opened), lost
+    /// acknowledged writes.
+    fn sync_open(&self, fh: u64, o: &OpenImage) -> Result<()> {
         let r = self.commit_open(o);
-        let lost = o.lost.lock().unwrap().take();
+        let count = o.lost.lock().unwrap().0;
+        let seen = self
+            .fhs
+            .lock()
+            .unwrap()
+            .get_mut(&fh)
+            .map(|(_, seen)| std::mem::replace(seen, count))
+            .unwrap_or(count);
         r?;
-        lost.map_or(Ok(()), Err)
+        Self::lost_since(o, seen)
+    }
+
+    /// The lost-writes failure of `o`, if one happened after the `seen`-th.
+    fn lost_since(o: &OpenImage, seen: u64) -> Result<()> {
+        match &*o.lost.lock().unwrap() {
+            (count, Some((image, cause, errno))) if *count > seen => Err(Error::WritesLost {
+                image: image.clone(),
+                cause: cause.clone(),
+                errno: *errno,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Close a file handle; the last close commits and drops the image handle.
     pub fn release(&self, fh: u64) -> Result<()> {
-        let Some(ino) = self.fhs.lock().unwrap().remove(&fh) else {
+        let Some((ino, seen)) = self.fhs.lock().unwrap().remove(&fh) else {
             return Ok(());
         };
         let Some(o) = self.open.lock().unwrap().get(&ino).cloned() else {
@@ -487,7 +537,7 @@ impl Vfs {
             // Commit while the image is still in the table: an open racing this
             // release (the kernel sends RELEASE after close() returns) reuses the
             // handle and its writer lease instead of finding the image busy.
-            let r = self.sync_open(&o);
+            let r = self.commit_open(&o).and_then(|()| Self::lost_since(&o, seen));
             let mut open = self.open.lock().unwrap();
             if o.opens.load(Ordering::SeqCst) == 0 && open.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &o)) {
                 open.remove(&ino);
@@ -532,7 +582,7 @@ impl Vfs {
             // This write is done. A failure now is background work's (an
             // earlier job, reading old contents to merge): it dropped the
             // uncommitted writes, this one included, and the next fsync says so.
-            let job = if full {
+            let job = if full || self.gc_draining.load(Ordering::Relaxed) {
                 None
             } else {
                 h.seal_job_when(self.cfg.seal_at, self.cfg.eager_seal)
@@ -558,7 +608,7 @@ impl Vfs {
     /// Make everything written through this image durable.
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let (_, o) = self.file(fh)?;
-        self.sync_open(&o)
+        self.sync_open(fh, &o)
     }
 
     /// Set the size of an image (open or not).
@@ -747,37 +797,43 @@ impl Vfs {
     /// Commit open images whose oldest pending change is older than the
     /// commit interval. Called about once a second by the mount.
     ///
-    /// When a GC in another process waits ([`Store::gc_waiting`]), every open
-    /// image is committed now, all held at once so that none starts a new
-    /// seal job meanwhile: this process then leaves the stage gate and the
-    /// GC gets in. (Images sealing continuously would otherwise keep some
-    /// writer in the gate forever.)
+    /// When a GC in another process waits ([`Store::gc_waiting`]), no new
+    /// seal job starts (writes check a flag this sets), and the images that
+    /// are in the stage gate are committed, one at a time, so this process
+    /// leaves it and the GC gets in. (Images sealing continuously would
+    /// otherwise keep some writer in the gate forever.) Images not in the
+    /// gate are left alone: committing them would enter it and wait for the
+    /// GC. An image busy right now is tried again next time.
     pub fn commit_due(&self) {
-        if self.store.gc_waiting() {
-            let mut open: Vec<(u64, Arc<OpenImage>)> = self
-                .open
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(i, o)| (*i, o.clone()))
-                .collect();
-            open.sort_by_key(|(ino, _)| *ino); // the order copy_range locks in
-            let mut held: Vec<_> = open.iter().map(|(_, o)| (o, o.handle.write().unwrap())).collect();
-            for (o, h) in &mut held {
-                if h.is_read_only() {
+        let draining = self.store.gc_waiting();
+        let was = self.gc_draining.swap(draining, Ordering::SeqCst);
+        if draining {
+            let open: Vec<Arc<OpenImage>> = self.open.lock().unwrap().values().cloned().collect();
+            let mut committed = 0;
+            for o in open {
+                let Ok(mut h) = o.handle.try_write() else {
+                    continue;
+                };
+                if h.is_read_only() || !h.in_stage_gate() {
                     continue;
                 }
                 let r = h.commit();
                 *o.dirty_since.lock().unwrap() = None;
                 if let Err(e) = &r {
-                    self.writes_lost(o, h.name(), e);
+                    self.writes_lost(&o, h.name(), e);
                 }
+                committed += 1;
             }
-            info!(
-                images = held.len(),
-                "committed every image: a GC in another process waits"
-            );
+            if !was || committed > 0 {
+                info!(
+                    committed,
+                    "a GC in another process waits: no new seal jobs; images in the stage gate committed"
+                );
+            }
             return;
+        }
+        if was {
+            info!("the GC in another process is done: sealing resumes");
         }
         let open: Vec<Arc<OpenImage>> = self.open.lock().unwrap().values().cloned().collect();
         for o in open {
