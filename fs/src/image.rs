@@ -1334,28 +1334,6 @@ impl ImageHandle {
         }
     }
 
-    /// Every dirty block, taken into jobs of at most [`SEAL_CHUNK`] blocks
-    /// (first applying what finished jobs did). Running them before
-    /// [`ImageHandle::commit`] moves the hashing, compressing and appending
-    /// out of whatever lock guards this handle: the commit then only waits
-    /// for them. On error the uncommitted changes are dropped, as for a
-    /// failed commit.
-    pub fn seal_jobs_all(&mut self) -> Result<Vec<SealJob>> {
-        self.check_writable()?;
-        let r = (|| {
-            self.apply_jobs(self.jobs.take())?;
-            let mut jobs = Vec::new();
-            while !self.dirty.is_empty() {
-                jobs.push(self.take_job(SEAL_CHUNK)?);
-            }
-            Ok(jobs)
-        })();
-        if r.is_err() {
-            self.reset();
-        }
-        r
-    }
-
     /// Apply finished jobs' results. On a job's error the uncommitted
     /// changes are dropped (as for a failed commit) and the error returned.
     fn apply_jobs(&mut self, results: Vec<JobResult>) -> Result<()> {

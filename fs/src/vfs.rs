@@ -452,34 +452,14 @@ impl Vfs {
     /// also kept for the next `fsync`/`flush` of every handle (see
     /// [`Vfs::sync_open`]).
     fn commit_open(&self, o: &OpenImage) -> Result<()> {
-        // Seal the dirty blocks without holding the image: other requests go
-        // on reading and writing meanwhile (a commit of a full dirty set
-        // takes a fifth of a second). Not while a GC waits: it would enter
-        // the stage gate now; the commit below does that if it must.
-        let jobs = {
-            let mut h = o.handle.write().unwrap();
-            if h.is_read_only() {
-                return Ok(());
-            }
-            if self.gc_draining.load(Ordering::Relaxed) {
-                Vec::new()
-            } else {
-                match h.seal_jobs_all() {
-                    Ok(jobs) => jobs,
-                    Err(e) => {
-                        *o.dirty_since.lock().unwrap() = None;
-                        self.writes_lost(o, h.name(), &e);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        for job in jobs {
-            job.run();
-        }
-        // The commit waits for those jobs (and any a writer started since),
-        // seals what was written meanwhile, and switches the version.
+        // (Sealing the dirty set before taking the image lock, so writers go
+        // on meanwhile, was tried: the mount's peak RSS passed 512 MiB, as
+        // writers refill the dirty set while it is sealed, with no gain in
+        // throughput measured. Seal jobs started by writes do that work.)
         let mut h = o.handle.write().unwrap();
+        if h.is_read_only() {
+            return Ok(());
+        }
         let r = h.commit();
         *o.dirty_since.lock().unwrap() = None;
         if let Err(e) = &r {
