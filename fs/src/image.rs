@@ -200,8 +200,8 @@ const PREFETCH_THREADS: usize = 8;
 type Prefetch = Box<dyn FnOnce() + Send>;
 
 /// Queue of the prefetch threads (started on first use).
-fn prefetch_queue() -> &'static Mutex<std::sync::mpsc::Sender<Prefetch>> {
-    static Q: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Prefetch>>> = std::sync::OnceLock::new();
+fn prefetch_queue() -> &'static std::sync::mpsc::Sender<Prefetch> {
+    static Q: std::sync::OnceLock<std::sync::mpsc::Sender<Prefetch>> = std::sync::OnceLock::new();
     Q.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Prefetch>();
         let rx = Arc::new(Mutex::new(rx));
@@ -218,7 +218,7 @@ fn prefetch_queue() -> &'static Mutex<std::sync::mpsc::Sender<Prefetch>> {
                 })
                 .expect("starting a prefetch thread");
         }
-        Mutex::new(tx)
+        tx
     })
 }
 
@@ -481,7 +481,7 @@ fn seal_blocks(
     let blocks = &blocks[..];
     let compress = matches!(store.config().compression, pack::Compression::Zstd(_));
     // Hash, and judge compressibility while the block is in the CPU cache.
-    let named: Vec<(u64, u64, Option<BlockHash>, bool)> = blocks
+    let (named, worth): (Vec<(u64, u64, Option<BlockHash>)>, Vec<bool>) = blocks
         .par_iter()
         .map(|(block, gen, d)| {
             let (h, worth) = match d {
@@ -494,14 +494,14 @@ fn seal_blocks(
                 Dirty::Ref(h) => (Some(*h), false), // already stored, kept by the gate
                 Dirty::Partial(_) | Dirty::Merge(_) => unreachable!("partial blocks are merged first"),
             };
-            (*block, *gen, h, worth)
+            ((*block, *gen, h), worth)
         })
-        .collect();
+        .unzip();
     let mut to_seal: Vec<(BlockHash, &Arc<[u8]>, bool)> = Vec::new();
     {
         let known = known.lock().unwrap();
         let mut seen: HashSet<BlockHash> = HashSet::new();
-        for ((_, _, h, worth), (_, _, d)) in named.iter().zip(blocks) {
+        for (((_, _, h), worth), (_, _, d)) in named.iter().zip(&worth).zip(blocks) {
             if let (Some(h), Dirty::Data(data)) = (h, d) {
                 if !known.contains_key(h) && seen.insert(*h) {
                     to_seal.push((*h, data, *worth));
@@ -509,7 +509,6 @@ fn seal_blocks(
             }
         }
     }
-    let named: Vec<(u64, u64, Option<BlockHash>)> = named.into_iter().map(|(b, g, h, _)| (b, g, h)).collect();
     let absent: HashSet<BlockHash> = store
         .lacking(&to_seal.iter().map(|(h, _, _)| *h).collect::<Vec<_>>())?
         .into_iter()
@@ -742,7 +741,7 @@ impl ImageHandle {
                     let _ = store.read_block_shared(&h); // an error shows when the block is merged
                     QUEUED.fetch_sub(1, Ordering::Relaxed);
                 });
-                if prefetch_queue().lock().unwrap().send(job).is_err() {
+                if prefetch_queue().send(job).is_err() {
                     QUEUED.fetch_sub(1, Ordering::Relaxed);
                 }
             } else {

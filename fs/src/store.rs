@@ -311,16 +311,10 @@ impl Store {
         if !db_path(dir).exists() {
             return Err(Error::NoStore(dir.display().to_string()));
         }
-        let lock_file = |name: &str| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(dir.join(name))
-                .ok()
-        };
-        let locks = (lock_file("gc.lock"), lock_file("gc.intent"));
+        let locks = (
+            open_lock_file(dir, "gc.lock").ok(),
+            open_lock_file(dir, "gc.intent").ok(),
+        );
         let packs = DiskPacks::new(dir.join("packs")).map_err(|e| Error::io("opening packs/", e))?;
         Self::open_inner(
             Some(dir.to_path_buf()),
@@ -543,13 +537,7 @@ impl Store {
         // reopens the gate).
         if let Some(d) = &self.inner.dir {
             for name in ["gc.intent", "gc.lock"] {
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(d.join(name))
-                    .map_err(|e| Error::io(format!("opening {name}"), e))?;
+                let f = open_lock_file(d, name).map_err(|e| Error::io(format!("opening {name}"), e))?;
                 retry_eintr(|| f.lock()).map_err(|e| Error::io(format!("locking {name} (exclusive)"), e))?;
                 guard.cross_process.push(f);
             }
@@ -706,13 +694,13 @@ impl Store {
         *self.inner.writer.lock().unwrap().users.entry(id).or_default() += 1;
     }
 
-    /// A handle committed (or dropped) its records in these packs.
     /// Pins held on packs, in all (tests: every handle gives its pins back).
     #[cfg(test)]
     pub(crate) fn pins(&self) -> usize {
         self.inner.writer.lock().unwrap().users.values().sum()
     }
 
+    /// A handle committed (or dropped) its records in these packs.
     pub(crate) fn unpin_packs(&self, ids: impl IntoIterator<Item = PackId>) {
         let mut w = self.inner.writer.lock().unwrap();
         for id in ids {
@@ -1589,6 +1577,16 @@ fn snapshot_row(conn: &Connection, image: &ImageRow, snap: &str) -> Result<Snaps
 
 /// Index records whose packs are synced, and extend those packs'
 /// `committed_len` to cover them (batches end on a page boundary).
+/// A lock file in the store directory (created if missing; never truncated).
+fn open_lock_file(dir: &Path, name: &str) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(name))
+}
+
 pub(crate) fn index_records<'a>(
     tx: &Transaction<'_>,
     records: impl IntoIterator<Item = (&'a BlockHash, &'a BlockLoc)>,

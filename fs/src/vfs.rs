@@ -19,12 +19,12 @@
 //! Commits: on `fsync` and `flush` (every `close`), when the dirty set
 //! reaches `dirty_limit`, and from [`Vfs::commit_due`] for images with
 //! changes older than `commit_interval`. `fsync` returns only when the data
-//! is durable. A failed commit drops the image's uncommitted writes; when
-//! the failure was not answered to an `fsync` (a background seal job, a
-//! timed commit), the next `fsync`/`flush` fails with [`Error::WritesLost`]
-//! (as the kernel reports a writeback error), so acknowledged writes are
-//! never silently missing from a version an `fsync` called durable. Memory: at most `dirty_limit` of dirty blocks per open image,
-//! plus the store's read cache.
+//! is durable. A failed commit drops the image's uncommitted writes; every
+//! file handle open then gets [`Error::WritesLost`] once from its next
+//! `fsync`/`flush` (the kernel's `errseq` rule for writeback errors), so
+//! acknowledged writes are never silently missing from a version an
+//! `fsync` called durable. Memory: at most `dirty_limit` of dirty blocks
+//! per open image, plus the store's read cache.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -456,7 +456,12 @@ impl Vfs {
         // on meanwhile, was tried: the mount's peak RSS passed 512 MiB, as
         // writers refill the dirty set while it is sealed, with no gain in
         // throughput measured. Seal jobs started by writes do that work.)
-        let mut h = o.handle.write().unwrap();
+        self.commit_held(o, &mut o.handle.write().unwrap())
+    }
+
+    /// Commit `h`, the locked handle of `o`; a failure is kept for every
+    /// file handle (see [`Vfs::writes_lost`]).
+    fn commit_held(&self, o: &OpenImage, h: &mut ImageHandle) -> Result<()> {
         if h.is_read_only() {
             return Ok(());
         }
@@ -797,11 +802,7 @@ impl Vfs {
                 if h.is_read_only() || !h.in_stage_gate() {
                     continue;
                 }
-                let r = h.commit();
-                *o.dirty_since.lock().unwrap() = None;
-                if let Err(e) = &r {
-                    self.writes_lost(&o, h.name(), e);
-                }
+                let _ = self.commit_held(&o, &mut h);
                 committed += 1;
             }
             if !was || committed > 0 {
