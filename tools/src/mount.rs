@@ -39,6 +39,12 @@ pub struct MountArgs {
     /// (tests set it tiny to run jobs alongside every write).
     #[arg(long, default_value = "8M", value_parser = crate::units::parse_size, hide = true)]
     pub seal_at: u64,
+    /// glibc malloc arenas (0: glibc's default of 8 per core). Each thread
+    /// that frees block buffers into its own arena keeps that memory: with
+    /// the default, the bench's peak RSS was 518 MiB, with 2 it was 311 MiB
+    /// at the same speed. `MALLOC_ARENA_MAX` in the environment wins.
+    #[arg(long, default_value_t = 2)]
+    pub malloc_arenas: u32,
 }
 
 /// Whether `mnt` is a geosync FUSE mount (from /proc/self/mountinfo).
@@ -69,6 +75,9 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     }
     if args.daemon {
         return spawn_daemon(store_dir, &args);
+    }
+    if args.malloc_arenas > 0 && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        cap_malloc_arenas(args.malloc_arenas);
     }
     let store = Store::open(store_dir, OpenMode::ReadWrite)?;
     store.set_read_cache(args.read_cache as usize);
@@ -158,6 +167,25 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// Cap glibc's malloc arenas at `n`, before the mount's threads start (an
+/// arena, once made, stays). Without it a thread-heavy daemon that allocates
+/// and frees 64 KiB-1 MiB buffers on every thread keeps up to 8 arenas per
+/// core of freed but unreturned memory.
+#[allow(unsafe_code)]
+fn cap_malloc_arenas(n: u32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let n = i32::try_from(n).unwrap_or(i32::MAX);
+        // SAFETY: mallopt sets one allocator parameter and touches no memory
+        // of ours; glibc takes its own lock for it.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, n) } != 1 {
+            warn!(arenas = n, "mallopt(M_ARENA_MAX) refused; glibc's default stays");
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = n;
+}
+
 fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let log_path = args.log.clone().unwrap_or_else(|| store_dir.join("mount.log"));
@@ -176,6 +204,7 @@ fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
         .args(["--read-cache", &args.read_cache.to_string()])
         .args(["--threads", &args.threads.to_string()])
         .args(["--seal-at", &args.seal_at.to_string()])
+        .args(["--malloc-arenas", &args.malloc_arenas.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
