@@ -239,6 +239,10 @@ pub(crate) struct Inner {
     dir: Option<PathBuf>,
     pub(crate) packs: Box<dyn PackStorage>,
     db: Mutex<Connection>,
+    /// The database file, for connections of helpers ([`Store::checkpoint`]).
+    db_path: PathBuf,
+    /// The connection [`Store::checkpoint`] copies the WAL back on.
+    checkpointer: Mutex<Option<Connection>>,
     pub(crate) config: StoreConfig,
     mode: OpenMode,
     /// `STORE/gc.lock`: held shared by a process while it has stagers, and
@@ -264,6 +268,15 @@ pub(crate) struct Inner {
 pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
+
+/// WAL frames (pages) past which [`Store::checkpoint`] restarts the WAL.
+pub const WAL_RESTART_FRAMES: u64 = 4096;
+
+/// How often a process that defers checkpoints should call [`Store::checkpoint`].
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How long [`Store::checkpoint`] waits for a commit or a reader to finish.
+const CHECKPOINT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn db_path(dir: &Path) -> PathBuf {
     dir.join("meta.db")
@@ -367,6 +380,8 @@ impl Store {
                 dir,
                 packs,
                 db: Mutex::new(conn),
+                db_path: db.to_path_buf(),
+                checkpointer: Mutex::new(None),
                 config: StoreConfig {
                     block_size,
                     compression,
@@ -782,6 +797,52 @@ impl Store {
         pack::open_shared(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
     }
 
+    /// Take WAL checkpoints off the commit path, for a long-running process
+    /// that calls [`Store::checkpoint`] from a timer (the mount). Otherwise
+    /// the commit that fills the WAL past 1000 pages copies it all back into
+    /// the database and syncs it, while the writer waits on its `fsync`.
+    pub fn defer_checkpoints(&self) -> Result<()> {
+        self.db().pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
+    /// Copy the WAL's committed pages back into the database, on a
+    /// connection of its own so that commits go on meanwhile. A passive
+    /// checkpoint waits for no reader or writer, but under steady commits it
+    /// never catches up, and the WAL restarts from its start only once all of
+    /// it is copied: past [`WAL_RESTART_FRAMES`] a restarting checkpoint
+    /// holds writers off for the last few pages. Returns the WAL's frames
+    /// before and after.
+    pub fn checkpoint(&self) -> Result<(u64, u64)> {
+        let mut guard = self.inner.checkpointer.lock().unwrap();
+        let conn = match &mut *guard {
+            Some(c) => c,
+            slot => {
+                let c = Connection::open(&self.inner.db_path)?;
+                meta::configure(&c)?;
+                // A restarting checkpoint holds writers off while it waits
+                // for readers: never long (it tries again on the next call).
+                c.busy_timeout(CHECKPOINT_BUSY_WAIT)?;
+                slot.insert(c)
+            }
+        };
+        let run = |mode: &str| -> Result<u64> {
+            let (busy, log, done): (i64, i64, i64) =
+                conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+            debug!(mode, busy, log, done, "metadata checkpoint");
+            Ok(log.max(0) as u64)
+        };
+        let before = run("PASSIVE")?;
+        let after = if before > WAL_RESTART_FRAMES {
+            run("RESTART")?
+        } else {
+            before
+        };
+        Ok((before, after))
+    }
+
     /// Bound the read cache (bytes of decompressed blocks; 0 disables it).
     pub fn set_read_cache(&self, bytes: usize) {
         let mut c = self.inner.cache.lock().unwrap();
@@ -789,6 +850,11 @@ impl Store {
         if bytes == 0 {
             c.clear();
         }
+    }
+
+    /// Put a block's verified contents in the read cache (write-through).
+    pub(crate) fn cache_block(&self, hash: BlockHash, data: Arc<[u8]>) {
+        self.inner.cache.lock().unwrap().put(hash, data);
     }
 
     /// Read and verify a block by name (through the read cache).

@@ -81,6 +81,16 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     }
     let store = Store::open(store_dir, OpenMode::ReadWrite)?;
     store.set_read_cache(args.read_cache as usize);
+    store.defer_checkpoints()?;
+    {
+        let store = store.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(geosync_fs::store::CHECKPOINT_INTERVAL);
+            if let Err(e) = store.checkpoint() {
+                warn!(error = %e, "checkpointing the metadata WAL failed; retrying");
+            }
+        });
+    }
     let vfs = Arc::new(Vfs::new(
         store,
         VfsConfig {
