@@ -271,3 +271,25 @@ fn mount_reports_a_failed_merge_at_the_next_fsync() {
     assert_eq!(v.read(fh, 0, BS as u32).unwrap(), a[..BS as usize]);
     v.release(fh).unwrap();
 }
+
+/// A read of many blocks fetches their records together (one read of the
+/// pack): a damaged record among them is still an error naming its block,
+/// and its neighbours come back intact.
+#[test]
+fn a_damaged_record_inside_a_fetched_span_is_still_reported() {
+    let (d, s, a, _b) = fixture();
+    let loc = loc_of(&s, "a", 3);
+    flip_byte(&pack_path(d.path(), loc.pack), loc.offset + 52 + 100);
+    drop(s);
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap(); // a cold read cache
+    let h = s.open_image("a").unwrap();
+    let mut buf = vec![0u8; a.len()];
+    let e = h.read(0, &mut buf).unwrap_err();
+    assert!(matches!(e, Error::Integrity { .. }), "{e}");
+    assert!(e.to_string().contains("image \"a\" block 3"), "{e}");
+    for range in [0..3u64, 4..8] {
+        let mut buf = vec![0u8; ((range.end - range.start) * BS) as usize];
+        h.read(range.start * BS, &mut buf).unwrap();
+        assert_eq!(buf, a[(range.start * BS) as usize..(range.end * BS) as usize]);
+    }
+}

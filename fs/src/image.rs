@@ -824,6 +824,9 @@ impl ImageHandle {
             return Ok(0);
         }
         let len = (buf.len() as u64).min(self.size - offset) as usize;
+        if len as u64 > self.bs {
+            self.fetch_stored(offset, len)?;
+        }
         let mut done = 0;
         while done < len {
             let pos = offset + done as u64;
@@ -862,6 +865,27 @@ impl ImageHandle {
             done += n;
         }
         Ok(len)
+    }
+
+    /// Bring the stored blocks under `offset..offset + len` into the read
+    /// cache together ([`Store::fetch_blocks`]).
+    fn fetch_stored(&self, offset: u64, len: usize) -> Result<()> {
+        let blocks = offset / self.bs..(offset + len as u64).div_ceil(self.bs);
+        let mut hashes = Vec::with_capacity(blocks.clone().count());
+        for b in blocks {
+            let h = match self.overlay(b) {
+                Some(Dirty::Ref(h)) => Some(*h),
+                Some(_) => None,
+                None => self.base_state(b)?,
+            };
+            hashes.extend(h);
+        }
+        // Blocks sealed by this handle are read from where it put them.
+        let known = self.new_blocks.lock().unwrap();
+        hashes.retain(|h| !known.contains_key(h));
+        drop(known);
+        self.store.fetch_blocks(&hashes);
+        Ok(())
     }
 
     // -------------------------------------------------------------- holes
@@ -1879,6 +1903,31 @@ mod tests {
         let mut got = vec![0u8; 4096];
         s.open_image("a").unwrap().read(0, &mut got).unwrap();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_long_read_fetches_neighbouring_records_with_one_pack_read() {
+        let packs = CountingPacks::default();
+        let (_d, s) = store_on(packs.clone());
+        s.create_image("a", 16 * 4096).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..16 * 4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &data).unwrap();
+        h.commit().unwrap();
+        let before = packs.1.load(Ordering::SeqCst);
+        let mut got = vec![0u8; data.len()];
+        h.read(0, &mut got).unwrap();
+        assert_eq!(got, data);
+        // Block by block: two reads each (header, then payload).
+        assert_eq!(packs.1.load(Ordering::SeqCst) - before, 1, "reads of the pack");
     }
 
     #[test]

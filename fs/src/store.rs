@@ -269,6 +269,46 @@ pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Longest run of records [`Store::fetch_blocks`] reads at once.
+const SPAN_MAX: u64 = 2 << 20;
+
+/// Bytes between two records [`Store::fetch_blocks`] reads through (a
+/// batch's padding to the next page, a record it does not need).
+const SPAN_GAP: u64 = 64 << 10;
+
+/// An integrity error about the record of `hash` at `loc`.
+fn record_integrity(hash: &BlockHash, loc: &BlockLoc, what: String) -> Error {
+    Error::Integrity {
+        what,
+        hash: *hash,
+        pack: loc.pack,
+        offset: loc.offset,
+        image: None,
+        block: None,
+    }
+}
+
+/// Check that a record's header matches what the index says of it.
+fn check_record_header(hash: &BlockHash, loc: &BlockLoc, head: &[u8]) -> Result<RecordHeader> {
+    let header = RecordHeader::decode(head.try_into().unwrap())
+        .map_err(|w| record_integrity(hash, loc, w.to_string()))?;
+    if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec {
+        return Err(record_integrity(
+            hash,
+            loc,
+            "record header does not match the index".into(),
+        ));
+    }
+    Ok(header)
+}
+
+/// Verify and open a whole record (header and payload) read from `loc`.
+fn open_record(hash: &BlockHash, loc: &BlockLoc, record: &[u8]) -> Result<Arc<[u8]>> {
+    let header = check_record_header(hash, loc, &record[..RECORD_HEADER_LEN])?;
+    pack::open_shared(&record[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash)
+        .map_err(|w| record_integrity(hash, loc, w))
+}
+
 /// WAL frames (pages) past which [`Store::checkpoint`] restarts the WAL.
 pub const WAL_RESTART_FRAMES: u64 = 4096;
 
@@ -747,24 +787,9 @@ impl Store {
 
     /// [`Store::read_record`] into shared bytes (one copy fewer).
     pub fn read_record_shared(&self, hash: &BlockHash, loc: &BlockLoc) -> Result<Arc<[u8]>> {
-        let integrity = |what: String| Error::Integrity {
-            what,
-            hash: *hash,
-            pack: loc.pack,
-            offset: loc.offset,
-            image: None,
-            block: None,
-        };
         let read_err = |e: io::Error| match e.kind() {
-            io::ErrorKind::UnexpectedEof => integrity("record is truncated".into()),
+            io::ErrorKind::UnexpectedEof => record_integrity(hash, loc, "record is truncated".into()),
             _ => Error::io(format!("reading pack {} at {}", loc.pack, loc.offset), e),
-        };
-        let check_header = |h: &[u8]| -> Result<RecordHeader> {
-            let header = RecordHeader::decode(h.try_into().unwrap()).map_err(|w| integrity(w.to_string()))?;
-            if header.hash != *hash || header.stored_len != loc.stored_len || header.codec != loc.codec {
-                return Err(integrity("record header does not match the index".into()));
-            }
-            Ok(header)
         };
         if loc.codec == pack::Codec::Raw && loc.stored_len == loc.raw_len {
             // Straight into the shared buffer the cache keeps: copying 64 KiB
@@ -775,7 +800,7 @@ impl Store {
                 .packs
                 .read_at(loc.pack, loc.offset, &mut head)
                 .map_err(read_err)?;
-            check_header(&head)?;
+            check_record_header(hash, loc, &head)?;
             let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, loc.raw_len as usize).collect();
             let buf = Arc::get_mut(&mut data).expect("a new Arc is unique");
             self.inner
@@ -784,7 +809,7 @@ impl Store {
                 .map_err(read_err)?;
             let actual = pack::hash_block(&data);
             if actual != *hash {
-                return Err(integrity(format!("content hashes to {actual}")));
+                return Err(record_integrity(hash, loc, format!("content hashes to {actual}")));
             }
             return Ok(data);
         }
@@ -793,8 +818,104 @@ impl Store {
             .packs
             .read_at(loc.pack, loc.offset, &mut buf)
             .map_err(read_err)?;
-        let header = check_header(&buf[..RECORD_HEADER_LEN])?;
-        pack::open_shared(&buf[RECORD_HEADER_LEN..], header.codec, header.raw_len, hash).map_err(integrity)
+        open_record(hash, loc, &buf)
+    }
+
+    /// Bring into the read cache those of `hashes` it lacks, reading each
+    /// run of their records that lie together in a pack (a sequential
+    /// writer's blocks do) with one read past the page cache: a sequential
+    /// reader's 1 MiB request is one read instead of 16, and the data is not
+    /// copied through freshly allocated page-cache pages, which under `fio`
+    /// took half the mount's CPU. Best effort: a block that cannot be read
+    /// here is left to [`Store::read_block_shared`], which reports it.
+    pub fn fetch_blocks(&self, hashes: &[BlockHash]) {
+        let missing: Vec<BlockHash> = {
+            let c = self.inner.cache.lock().unwrap();
+            let mut seen = HashSet::new();
+            hashes
+                .iter()
+                .filter(|h| !c.contains(*h) && seen.insert(**h))
+                .copied()
+                .collect()
+        };
+        if missing.len() < 2 {
+            return;
+        }
+        let mut found: Vec<(BlockHash, BlockLoc)> = Vec::with_capacity(missing.len());
+        for h in missing {
+            match self.lookup(&h) {
+                Ok(Some(loc)) => found.push((h, loc)),
+                _ => return,
+            }
+        }
+        found.sort_by_key(|(_, l)| (l.pack, l.offset));
+        let mut rest = &found[..];
+        while let Some((_, first)) = rest.first() {
+            let mut end = first.end();
+            let n = rest
+                .iter()
+                .take_while(|(_, l)| {
+                    let joins = l.pack == first.pack
+                        && l.offset <= end + SPAN_GAP
+                        && l.end() - first.offset <= SPAN_MAX;
+                    if joins {
+                        end = end.max(l.end());
+                    }
+                    joins
+                })
+                .count();
+            if n >= 2 {
+                self.fetch_span(&rest[..n]);
+            }
+            rest = &rest[n..];
+        }
+    }
+
+    /// Read records lying together in one pack with one aligned read, and
+    /// cache those that verify.
+    fn fetch_span(&self, records: &[(BlockHash, BlockLoc)]) {
+        const ALIGN: u64 = 4096;
+        thread_local! {
+            static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let pack = records[0].1.pack;
+        let start = records[0].1.offset / ALIGN * ALIGN;
+        let end = records
+            .iter()
+            .map(|(_, l)| l.end())
+            .max()
+            .unwrap_or(start)
+            .div_ceil(ALIGN)
+            * ALIGN;
+        let len = (end - start) as usize;
+        let opened: Vec<(BlockHash, Arc<[u8]>)> = SPAN.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < len + ALIGN as usize {
+                *buf = vec![0u8; SPAN_MAX as usize + 2 * ALIGN as usize]; // once per thread
+            }
+            let at = buf.as_ptr().align_offset(ALIGN as usize);
+            let span = &mut buf[at..at + len];
+            let got = match self.inner.packs.read_direct(pack, start, span) {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!(pack, offset = start, error = %e, "read-ahead failed; blocks are read one by one");
+                    0
+                }
+            };
+            records
+                .iter()
+                .filter_map(|(h, l)| {
+                    let from = (l.offset - start) as usize;
+                    let to = (l.end() - start) as usize;
+                    let data = (to <= got).then(|| open_record(h, l, &span[from..to]).ok())??;
+                    Some((*h, data))
+                })
+                .collect()
+        });
+        let mut c = self.inner.cache.lock().unwrap();
+        for (h, data) in opened {
+            c.put(h, data);
+        }
     }
 
     /// Take WAL checkpoints off the commit path, for a long-running process
