@@ -269,6 +269,9 @@ pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Where a block's record is.
+const LOOKUP_SQL: &str = "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1";
+
 /// Longest run of records [`Store::fetch_blocks`] reads at once.
 const SPAN_MAX: u64 = 2 << 20;
 
@@ -775,8 +778,7 @@ impl Store {
     /// Where a block is stored, if the index has it.
     pub fn lookup(&self, hash: &BlockHash) -> Result<Option<BlockLoc>> {
         let db = self.db();
-        let mut st =
-            db.prepare_cached("SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1")?;
+        let mut st = db.prepare_cached(LOOKUP_SQL)?;
         Ok(st.query_row([&hash.0[..]], loc_from_row).optional()?)
     }
 
@@ -842,10 +844,16 @@ impl Store {
             return;
         }
         let mut found: Vec<(BlockHash, BlockLoc)> = Vec::with_capacity(missing.len());
-        for h in missing {
-            match self.lookup(&h) {
-                Ok(Some(loc)) => found.push((h, loc)),
-                _ => return,
+        {
+            let db = self.db();
+            let Ok(mut st) = db.prepare_cached(LOOKUP_SQL) else {
+                return;
+            };
+            for h in missing {
+                match st.query_row([&h.0[..]], loc_from_row) {
+                    Ok(loc) => found.push((h, loc)),
+                    Err(_) => return,
+                }
             }
         }
         found.sort_by_key(|(_, l)| (l.pack, l.offset));

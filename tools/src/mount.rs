@@ -32,8 +32,9 @@ pub struct MountArgs {
     /// Bytes of decompressed blocks cached for reads.
     #[arg(long, default_value = "128M", value_parser = crate::units::parse_size)]
     pub read_cache: u64,
-    /// Threads serving FUSE requests.
-    #[arg(long, default_value_t = 4)]
+    /// Threads serving FUSE requests. Most wait on the disk: 8 gave fio's
+    /// random 4 KiB reads at queue depth 16 ~15% more IOPS than 4.
+    #[arg(long, default_value_t = 8)]
     pub threads: usize,
     /// Dirty bytes of an open image that start a background seal job
     /// (tests set it tiny to run jobs alongside every write).
