@@ -82,5 +82,41 @@ fn commit_path(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, commit_path);
+/// Sealing one 64 KiB block (hash, compressibility, compression) of the
+/// kinds a loop-mounted file system writes: a random 4 KiB write into an
+/// unwritten extent (one sector group of noise, zeros around it), a block
+/// of real file data, and noise.
+fn seal_block(c: &mut Criterion) {
+    use geosync_fs::pack;
+    use std::sync::Arc;
+    const BS: usize = 64 << 10;
+    let corpus = corpus();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    };
+    let mut sparse = vec![0u8; BS];
+    sparse[8192..12288].iter_mut().for_each(|b| *b = noise());
+    let random: Vec<u8> = (0..BS).map(|_| noise()).collect();
+    let mut g = c.benchmark_group("seal_block");
+    g.throughput(Throughput::Bytes(BS as u64));
+    for (name, data) in [("4k-in-zeros", sparse), ("files", corpus[..BS].to_vec()), ("noise", random)] {
+        let data: Arc<[u8]> = data.into();
+        for compression in ["zstd:3", "zstd:1"] {
+            let comp: pack::Compression = compression.parse().unwrap();
+            g.bench_function(format!("{name}/{compression}"), |b| {
+                b.iter(|| {
+                    let h = pack::hash_block(&data);
+                    pack::seal_shared(&data, h, comp, None)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, commit_path, seal_block);
 criterion_main!(benches);
