@@ -103,7 +103,11 @@ fn seal_block(c: &mut Criterion) {
     let random: Vec<u8> = (0..BS).map(|_| noise()).collect();
     let mut g = c.benchmark_group("seal_block");
     g.throughput(Throughput::Bytes(BS as u64));
-    for (name, data) in [("4k-in-zeros", sparse), ("files", corpus[..BS].to_vec()), ("noise", random)] {
+    for (name, data) in [
+        ("4k-in-zeros", sparse),
+        ("files", corpus[..BS].to_vec()),
+        ("noise", random),
+    ] {
         let data: Arc<[u8]> = data.into();
         for compression in ["zstd:3", "zstd:1"] {
             let comp: pack::Compression = compression.parse().unwrap();

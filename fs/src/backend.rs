@@ -72,22 +72,57 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct DiskPacks {
     dir: PathBuf,
-    files: Mutex<HashMap<PackId, Arc<File>>>,
+    files: Mutex<Descriptors>,
     /// O_DIRECT descriptors, for aligned appends and large reads (`None`:
-    /// the filesystem refuses O_DIRECT).
-    direct: Mutex<HashMap<PackId, Option<Arc<File>>>>,
+    /// the filesystem refuses O_DIRECT), least recently used dropped first.
+    direct: Mutex<lru::LruCache<PackId, Option<Arc<File>>>>,
 }
+
+/// Open descriptors of packs. Bounded: a scrub, a GC or a long-lived mount
+/// of a large store touches every pack, and one descriptor each would run
+/// into the process's limit (`EMFILE`). A claimed pack stays open: its
+/// advisory lock lives on the descriptor.
+#[derive(Debug)]
+struct Descriptors {
+    claimed: HashMap<PackId, Arc<File>>,
+    open: lru::LruCache<PackId, Arc<File>>,
+}
+
+/// Unclaimed packs kept open, per kind of descriptor.
+pub const OPEN_PACKS: usize = 256;
 
 impl DiskPacks {
     /// Packs under `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> io::Result<Self> {
+        Self::with_open_limit(dir, OPEN_PACKS)
+    }
+
+    /// [`DiskPacks::new`], keeping at most `limit` unclaimed packs open.
+    pub fn with_open_limit(dir: impl Into<PathBuf>, limit: usize) -> io::Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir)?;
+        let limit = std::num::NonZeroUsize::new(limit.max(1)).expect("at least 1");
         Ok(DiskPacks {
             dir,
-            files: Mutex::new(HashMap::new()),
-            direct: Mutex::new(HashMap::new()),
+            files: Mutex::new(Descriptors {
+                claimed: HashMap::new(),
+                open: lru::LruCache::new(limit),
+            }),
+            direct: Mutex::new(lru::LruCache::new(limit)),
         })
+    }
+
+    /// Descriptors held open: claimed packs, others, and `O_DIRECT` ones.
+    pub fn open_descriptors(&self) -> (usize, usize, usize) {
+        let f = self.files.lock().unwrap();
+        let direct = self
+            .direct
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, f)| f.is_some())
+            .count();
+        (f.claimed.len(), f.open.len(), direct)
     }
 
     /// The file name of a pack.
@@ -111,17 +146,20 @@ impl DiskPacks {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
             Err(e) => return Err(e),
         };
-        direct.insert(id, f.clone());
+        direct.put(id, f.clone());
         Ok(f)
     }
 
     fn file(&self, id: PackId) -> io::Result<Arc<File>> {
         let mut files = self.files.lock().unwrap();
-        if let Some(f) = files.get(&id) {
+        if let Some(f) = files.claimed.get(&id) {
+            return Ok(f.clone());
+        }
+        if let Some(f) = files.open.get(&id) {
             return Ok(f.clone());
         }
         let f = Arc::new(OpenOptions::new().read(true).append(true).open(self.path(id))?);
-        files.insert(id, f.clone());
+        files.open.put(id, f.clone());
         Ok(f)
     }
 }
@@ -155,7 +193,7 @@ impl PackStorage for DiskPacks {
         f.try_lock()
             .map_err(|e| io::Error::other(format!("claiming new pack {id}: {e}")))?;
         sync_dir(&self.dir)?;
-        self.files.lock().unwrap().insert(id, Arc::new(f));
+        self.files.lock().unwrap().claimed.insert(id, Arc::new(f));
         Ok(())
     }
 
@@ -202,7 +240,10 @@ impl PackStorage for DiskPacks {
     fn read_direct(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let aligned = offset % 4096 == 0 && buf.len() % 4096 == 0 && (buf.as_ptr() as usize) % 4096 == 0;
         let f = match aligned {
-            true => self.direct_file(id)?.unwrap_or(self.file(id)?),
+            true => match self.direct_file(id)? {
+                Some(f) => f,
+                None => self.file(id)?,
+            },
             false => self.file(id)?,
         };
         let mut done = 0;
@@ -224,23 +265,35 @@ impl PackStorage for DiskPacks {
     }
 
     fn remove(&self, id: PackId) -> io::Result<()> {
-        self.files.lock().unwrap().remove(&id);
-        self.direct.lock().unwrap().remove(&id);
+        {
+            let mut files = self.files.lock().unwrap();
+            files.claimed.remove(&id);
+            files.open.pop(&id);
+        }
+        self.direct.lock().unwrap().pop(&id);
         fs::remove_file(self.path(id))?;
         sync_dir(&self.dir)
     }
 
     fn try_claim(&self, id: PackId) -> io::Result<bool> {
-        match self.file(id)?.try_lock() {
-            Ok(()) => Ok(true),
+        let f = self.file(id)?;
+        match f.try_lock() {
+            Ok(()) => {
+                let mut files = self.files.lock().unwrap();
+                files.open.pop(&id);
+                files.claimed.insert(id, f);
+                Ok(true)
+            }
             Err(std::fs::TryLockError::WouldBlock) => Ok(false),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
     }
 
     fn release(&self, id: PackId) {
-        if let Some(f) = self.files.lock().unwrap().get(&id) {
+        let mut files = self.files.lock().unwrap();
+        if let Some(f) = files.claimed.remove(&id) {
             let _ = f.unlock();
+            files.open.put(id, f);
         }
     }
 }
@@ -549,6 +602,49 @@ mod tests {
         a.release(3);
         assert!(b.try_claim(3).unwrap());
         assert!(!a.try_claim(3).unwrap());
+    }
+
+    #[test]
+    fn open_descriptors_are_bounded_and_claims_outlive_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskPacks::with_open_limit(dir.path(), 4).unwrap();
+        let b = DiskPacks::with_open_limit(dir.path(), 4).unwrap(); // as another process
+        for id in 1..=20 {
+            a.create(id).unwrap(); // claimed by its creator
+            a.append(id, &[id as u8; 4096]).unwrap();
+        }
+        for id in 1..=10 {
+            a.release(id);
+        }
+        assert_eq!(a.open_descriptors().0, 10);
+        // Reading every pack, twice over, keeps at most 4 unclaimed ones open.
+        for _ in 0..2 {
+            for id in 1..=20 {
+                let mut buf = [0u8; 4096];
+                a.read_at(id, 0, &mut buf).unwrap();
+                assert_eq!(buf, [id as u8; 4096]);
+                let mut aligned = vec![0u8; 3 * 4096];
+                let at = aligned.as_ptr().align_offset(4096);
+                assert_eq!(a.read_direct(id, 0, &mut aligned[at..at + 4096]).unwrap(), 4096);
+                let (claimed, open, direct) = a.open_descriptors();
+                assert_eq!(claimed, 10);
+                assert!(open <= 4 && direct <= 4, "{open} {direct} open");
+            }
+        }
+        // The claims held through all of it; released packs can be claimed.
+        for id in 11..=20 {
+            assert!(!b.try_claim(id).unwrap(), "pack {id} lost its claim");
+        }
+        for id in 1..=10 {
+            assert!(b.try_claim(id).unwrap(), "pack {id} is still claimed");
+        }
+        // A claim taken after its descriptor was dropped is kept too.
+        b.release(1);
+        assert!(a.try_claim(1).unwrap());
+        for id in 2..=10 {
+            let _ = a.len(id).unwrap(); // other packs through the cache
+        }
+        assert!(!b.try_claim(1).unwrap());
     }
 
     #[test]
