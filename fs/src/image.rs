@@ -1931,6 +1931,47 @@ mod tests {
     }
 
     #[test]
+    fn long_reads_of_large_or_many_blocks_come_back_whole() {
+        // Blocks larger than a fetched span, and reads of more blocks than one span holds.
+        for (bs, blocks) in [(4u32 << 20, 3u64), (64 << 10, 80)] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::init(
+                dir.path(),
+                &InitOptions {
+                    block_size: bs,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let len = blocks * bs as u64;
+            s.create_image("a", len).unwrap();
+            let mut x = 0x853c_49e6_748f_ea9bu64;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let mut h = s.open_image("a").unwrap();
+            h.write(0, &data).unwrap();
+            h.commit().unwrap();
+            drop(h);
+            let h = s.open_image("a").unwrap();
+            let mut got = vec![0u8; data.len()];
+            h.read(0, &mut got).unwrap();
+            assert!(got == data, "{bs}-byte blocks");
+            let mut got = vec![0u8; data.len() - 1000];
+            h.read(777, &mut got).unwrap();
+            assert!(
+                got[..] == data[777..777 + got.len()],
+                "{bs}-byte blocks, unaligned"
+            );
+        }
+    }
+
+    #[test]
     fn pack_pins_are_given_back() {
         use crate::backend::{FaultPacks, FaultPlan};
         let faults = FaultPacks::new(MemPacks::new());

@@ -291,6 +291,14 @@ fn record_integrity(hash: &BlockHash, loc: &BlockLoc, what: String) -> Error {
     }
 }
 
+/// A failed read of the record of `hash` at `loc` (cut short: damage).
+fn record_read_error(hash: &BlockHash, loc: &BlockLoc, e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => record_integrity(hash, loc, "record is truncated".into()),
+        _ => Error::io(format!("reading pack {} at {}", loc.pack, loc.offset), e),
+    }
+}
+
 /// Check that a record's header matches what the index says of it.
 fn check_record_header(hash: &BlockHash, loc: &BlockLoc, head: &[u8]) -> Result<RecordHeader> {
     let header = RecordHeader::decode(head.try_into().unwrap())
@@ -789,10 +797,7 @@ impl Store {
 
     /// [`Store::read_record`] into shared bytes (one copy fewer).
     pub fn read_record_shared(&self, hash: &BlockHash, loc: &BlockLoc) -> Result<Arc<[u8]>> {
-        let read_err = |e: io::Error| match e.kind() {
-            io::ErrorKind::UnexpectedEof => record_integrity(hash, loc, "record is truncated".into()),
-            _ => Error::io(format!("reading pack {} at {}", loc.pack, loc.offset), e),
-        };
+        let read_err = |e: io::Error| record_read_error(hash, loc, e);
         if loc.codec == pack::Codec::Raw && loc.stored_len == loc.raw_len {
             // Straight into the shared buffer the cache keeps: copying 64 KiB
             // out of a read buffer was a tenth of the mount's CPU under
@@ -833,6 +838,9 @@ impl Store {
     pub fn fetch_blocks(&self, hashes: &[BlockHash]) {
         let missing: Vec<BlockHash> = {
             let c = self.inner.cache.lock().unwrap();
+            if c.cap().get() < hashes.len() {
+                return; // they would push each other out before being read
+            }
             let mut seen = HashSet::new();
             hashes
                 .iter()
@@ -860,18 +868,15 @@ impl Store {
         let mut rest = &found[..];
         while let Some((_, first)) = rest.first() {
             let mut end = first.end();
-            let n = rest
-                .iter()
-                .take_while(|(_, l)| {
-                    let joins = l.pack == first.pack
-                        && l.offset <= end + SPAN_GAP
-                        && l.end() - first.offset <= SPAN_MAX;
-                    if joins {
-                        end = end.max(l.end());
-                    }
-                    joins
-                })
-                .count();
+            // The first record always (it may be longer than a span alone).
+            let mut n = 1;
+            while let Some((_, l)) = rest.get(n) {
+                if l.pack != first.pack || l.offset > end + SPAN_GAP || l.end() - first.offset > SPAN_MAX {
+                    break;
+                }
+                end = end.max(l.end());
+                n += 1;
+            }
             if n >= 2 {
                 self.fetch_span(&rest[..n]);
             }
@@ -899,7 +904,8 @@ impl Store {
         let opened: Vec<(BlockHash, Arc<[u8]>)> = SPAN.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < len + ALIGN as usize {
-                *buf = vec![0u8; SPAN_MAX as usize + 2 * ALIGN as usize]; // once per thread
+                // Once per thread: a span is at most SPAN_MAX and a page each side.
+                *buf = vec![0u8; (len + ALIGN as usize).max((SPAN_MAX + 3 * ALIGN) as usize)];
             }
             let at = buf.as_ptr().align_offset(ALIGN as usize);
             let span = &mut buf[at..at + len];

@@ -26,7 +26,10 @@ use geosync_proto::wire::{CatalogEntry, Hash, MapChange};
 use rusqlite::{params, OptionalExtension};
 use tracing::info;
 
-use super::{image_row, index_records, refuse_if_open, snapshots_of, Store};
+use super::{
+    check_record_header, image_row, index_records, record_integrity, record_read_error, refuse_if_open,
+    snapshots_of, Store,
+};
 use crate::meta;
 use crate::pack::{self, Codec, RecordHeader, Sealed, RECORD_HEADER_LEN};
 use crate::{validate_name, BlockHash, Error, Hlc, NodeId, Result, Stamp};
@@ -166,29 +169,15 @@ impl Store {
         let Some(loc) = self.lookup(hash)? else {
             return Ok(None);
         };
-        let integrity = |what: String| Error::Integrity {
-            what,
-            hash: *hash,
-            pack: loc.pack,
-            offset: loc.offset,
-            image: None,
-            block: None,
-        };
         let mut buf = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
         self.inner
             .packs
             .read_at(loc.pack, loc.offset, &mut buf)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => integrity("record is truncated".into()),
-                _ => Error::io(format!("reading pack {} at {}", loc.pack, loc.offset), e),
-            })?;
-        let header = RecordHeader::decode(buf[..RECORD_HEADER_LEN].try_into().unwrap())
-            .map_err(|w| integrity(w.to_string()))?;
-        if header.hash != *hash || header.stored_len != loc.stored_len {
-            return Err(integrity("record header does not match the index".into()));
-        }
+            .map_err(|e| record_read_error(hash, &loc, e))?;
+        let header = check_record_header(hash, &loc, &buf[..RECORD_HEADER_LEN])?;
         let payload = buf.split_off(RECORD_HEADER_LEN);
-        pack::open(&payload, header.codec, header.raw_len, hash).map_err(integrity)?;
+        pack::open(&payload, header.codec, header.raw_len, hash)
+            .map_err(|w| record_integrity(hash, &loc, w))?;
         Ok(Some((header.codec, header.raw_len, payload)))
     }
 
