@@ -198,7 +198,7 @@ impl PackStorage for DiskPacks {
     }
 
     fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
-        let aligned = data.len() % 4096 == 0 && (data.as_ptr() as usize) % 4096 == 0;
+        let aligned = data.len().is_multiple_of(4096) && (data.as_ptr() as usize).is_multiple_of(4096);
         if aligned {
             if let Some(f) = self.direct_file(id)? {
                 return (&*f).write_all(data);
@@ -238,7 +238,9 @@ impl PackStorage for DiskPacks {
     }
 
     fn read_direct(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let aligned = offset % 4096 == 0 && buf.len() % 4096 == 0 && (buf.as_ptr() as usize) % 4096 == 0;
+        let aligned = offset.is_multiple_of(4096)
+            && buf.len().is_multiple_of(4096)
+            && (buf.as_ptr() as usize).is_multiple_of(4096);
         let f = match aligned {
             true => match self.direct_file(id)? {
                 Some(f) => f,
