@@ -241,23 +241,28 @@ impl PackStorage for DiskPacks {
         let aligned = offset.is_multiple_of(4096)
             && buf.len().is_multiple_of(4096)
             && (buf.as_ptr() as usize).is_multiple_of(4096);
-        let f = match aligned {
-            true => match self.direct_file(id)? {
-                Some(f) => f,
-                None => self.file(id)?,
-            },
-            false => self.file(id)?,
+        let read_all = |f: &File, buf: &mut [u8]| -> io::Result<usize> {
+            let mut done = 0;
+            while done < buf.len() {
+                match f.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(done)
         };
-        let mut done = 0;
-        while done < buf.len() {
-            match f.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        if aligned {
+            if let Some(f) = self.direct_file(id)? {
+                match read_all(&f, buf) {
+                    // Opened with O_DIRECT but refused at the read: buffered.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    r => return r,
+                }
             }
         }
-        Ok(done)
+        read_all(&*self.file(id)?, buf)
     }
 
     fn truncate(&self, id: PackId, len: u64) -> io::Result<()> {

@@ -241,8 +241,8 @@ pub(crate) struct Inner {
     db: Mutex<Connection>,
     /// The database file, for connections of helpers ([`Store::checkpoint`]).
     db_path: PathBuf,
-    /// The connection [`Store::checkpoint`] copies the WAL back on.
-    checkpointer: Mutex<Option<Connection>>,
+    /// What [`Store::checkpoint`] keeps between calls.
+    checkpointer: Mutex<CheckpointState>,
     pub(crate) config: StoreConfig,
     mode: OpenMode,
     /// `STORE/gc.lock`: held shared by a process while it has stagers, and
@@ -323,11 +323,42 @@ fn open_record(hash: &BlockHash, loc: &BlockLoc, record: &[u8]) -> Result<Arc<[u
 /// WAL frames (pages) past which [`Store::checkpoint`] restarts the WAL.
 pub const WAL_RESTART_FRAMES: u64 = 4096;
 
+/// What a [`Store::checkpoint`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Frames (pages) in the WAL.
+    pub frames: u64,
+    /// Of them, copied into the database.
+    pub copied: u64,
+    /// Whether the WAL was restarted: all of it copied, and no reader in it,
+    /// so the next commit writes it from its start.
+    pub restarted: bool,
+}
+
+/// [`Store::checkpoint`]'s connection and memory.
+#[derive(Debug, Default)]
+struct CheckpointState {
+    conn: Option<Connection>,
+    /// WAL frames at the last call (unchanged: no commit since).
+    last_frames: u64,
+    /// Calls left before a restart is tried again after a reader foiled one.
+    skip_restarts: u32,
+    /// Failed calls in a row.
+    failures: u32,
+}
+
+/// Failed [`Store::checkpoint`] calls in a row after which SQLite's own
+/// checkpoints come back.
+pub const CHECKPOINT_FAILURES_MAX: u32 = 20;
+
+/// Bytes a restarted WAL is cut back to.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
 /// How often a process that defers checkpoints should call [`Store::checkpoint`].
 pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How long [`Store::checkpoint`] waits for a commit or a reader to finish.
-const CHECKPOINT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+pub const CHECKPOINT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn db_path(dir: &Path) -> PathBuf {
     dir.join("meta.db")
@@ -432,7 +463,7 @@ impl Store {
                 packs,
                 db: Mutex::new(conn),
                 db_path: db.to_path_buf(),
-                checkpointer: Mutex::new(None),
+                checkpointer: Mutex::new(CheckpointState::default()),
                 config: StoreConfig {
                     block_size,
                     compression,
@@ -858,9 +889,13 @@ impl Store {
                 return;
             };
             for h in missing {
-                match st.query_row([&h.0[..]], loc_from_row) {
-                    Ok(loc) => found.push((h, loc)),
-                    Err(_) => return,
+                match st.query_row([&h.0[..]], loc_from_row).optional() {
+                    Ok(Some(loc)) => found.push((h, loc)),
+                    Ok(None) => {} // not indexed (yet, or any more): read alone
+                    Err(e) => {
+                        debug!(error = %e, "read-ahead lookup failed; blocks are read one by one");
+                        return;
+                    }
                 }
             }
         }
@@ -937,7 +972,10 @@ impl Store {
     /// the commit that fills the WAL past 1000 pages copies it all back into
     /// the database and syncs it, while the writer waits on its `fsync`.
     pub fn defer_checkpoints(&self) -> Result<()> {
-        self.db().pragma_update(None, "wal_autocheckpoint", 0)?;
+        let db = self.db();
+        db.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // A restarted WAL is cut back to this when it is reused.
+        db.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         Ok(())
     }
 
@@ -945,37 +983,75 @@ impl Store {
     /// connection of its own so that commits go on meanwhile. A passive
     /// checkpoint waits for no reader or writer, but under steady commits it
     /// never catches up, and the WAL restarts from its start only once all of
-    /// it is copied: past [`WAL_RESTART_FRAMES`] a restarting checkpoint
-    /// holds writers off for the last few pages. Returns the WAL's frames
-    /// before and after.
-    pub fn checkpoint(&self) -> Result<(u64, u64)> {
-        let mut guard = self.inner.checkpointer.lock().unwrap();
-        let conn = match &mut *guard {
+    /// it is copied: past [`WAL_RESTART_FRAMES`], and if commits came since
+    /// the last call, a restarting checkpoint holds writers off for the last
+    /// pages (at most [`CHECKPOINT_BUSY_WAIT`] for readers; if a reader keeps
+    /// it from finishing, the next 10 calls do not try). After
+    /// [`CHECKPOINT_FAILURES_MAX`] failures in a row SQLite's own
+    /// checkpoints are turned back on, so the WAL stays bounded.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let mut st = self.inner.checkpointer.lock().unwrap();
+        let r = self.checkpoint_with(&mut st);
+        match &r {
+            Ok(_) => st.failures = 0,
+            Err(e) => {
+                st.failures += 1;
+                if st.failures == CHECKPOINT_FAILURES_MAX {
+                    warn!(error = %e, "metadata checkpoints keep failing: SQLite checkpoints in commits again");
+                    self.db().pragma_update(None, "wal_autocheckpoint", 1000)?;
+                }
+            }
+        }
+        r
+    }
+
+    fn checkpoint_with(&self, st: &mut CheckpointState) -> Result<Checkpoint> {
+        let conn = match &mut st.conn {
             Some(c) => c,
             slot => {
-                let c = Connection::open(&self.inner.db_path)?;
+                // Never creates a database: the store's must be there.
+                let c = Connection::open_with_flags(
+                    &self.inner.db_path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
                 meta::configure(&c)?;
-                // A restarting checkpoint holds writers off while it waits
-                // for readers: never long (it tries again on the next call).
                 c.busy_timeout(CHECKPOINT_BUSY_WAIT)?;
                 slot.insert(c)
             }
         };
-        let run = |mode: &str| -> Result<u64> {
+        let run = |mode: &str| -> Result<(bool, u64, u64)> {
             let (busy, log, done): (i64, i64, i64) =
                 conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?;
             debug!(mode, busy, log, done, "metadata checkpoint");
-            Ok(log.max(0) as u64)
+            Ok((busy != 0, log.max(0) as u64, done.max(0) as u64))
         };
-        let before = run("PASSIVE")?;
-        let after = if before > WAL_RESTART_FRAMES {
-            run("RESTART")?
-        } else {
-            before
+        let (_, frames, copied) = run("PASSIVE")?;
+        let grew = frames != st.last_frames;
+        st.last_frames = frames;
+        let mut c = Checkpoint {
+            frames,
+            copied,
+            restarted: false,
         };
-        Ok((before, after))
+        if frames > WAL_RESTART_FRAMES && grew {
+            if st.skip_restarts > 0 {
+                st.skip_restarts -= 1;
+            } else {
+                let (busy, frames, copied) = run("RESTART")?;
+                if busy {
+                    st.skip_restarts = 10;
+                } else {
+                    c = Checkpoint {
+                        frames,
+                        copied,
+                        restarted: true,
+                    };
+                }
+            }
+        }
+        Ok(c)
     }
 
     /// Bound the read cache (bytes of decompressed blocks; 0 disables it).
