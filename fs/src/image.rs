@@ -1972,6 +1972,50 @@ mod tests {
     }
 
     #[test]
+    fn a_fetched_span_caches_its_good_records_and_never_a_damaged_one() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            block_size: 4096,
+            ..Default::default()
+        };
+        let s = Store::init(dir.path(), &opts).unwrap();
+        s.create_image("a", 8 * 4096).unwrap();
+        let data: Vec<u8> = (0..8 * 4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &data).unwrap();
+        h.commit().unwrap();
+        let hashes: Vec<BlockHash> = (0..8).map(|b| h.committed_hash(b).unwrap().unwrap()).collect();
+        drop(h);
+        // Damage block 3's payload in its pack.
+        let loc = s.lookup(&hashes[3]).unwrap().unwrap();
+        let path = dir.path().join("packs").join(format!("{:016x}.pack", loc.pack));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8];
+        let at = loc.offset + pack::RECORD_HEADER_LEN as u64 + 100;
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), OpenMode::ReadWrite).unwrap();
+        let h = s.open_image("a").unwrap();
+        let mut got = vec![0u8; data.len()];
+        let e = h.read(0, &mut got).unwrap_err();
+        assert!(matches!(e, Error::Integrity { .. }), "{e}");
+        assert!(!s.is_cached(&hashes[3]), "a damaged record was cached");
+        // Blocks past the damaged one were never reached block by block:
+        // they are cached because the span was fetched.
+        for (b, hash) in hashes.iter().enumerate().skip(4) {
+            assert!(s.is_cached(hash), "block {b} was not fetched");
+        }
+    }
+
+    #[test]
     fn pack_pins_are_given_back() {
         use crate::backend::{FaultPacks, FaultPlan};
         let faults = FaultPacks::new(MemPacks::new());

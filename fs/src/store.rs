@@ -1063,6 +1063,12 @@ impl Store {
         }
     }
 
+    /// Whether the read cache holds a block (tests).
+    #[cfg(test)]
+    pub(crate) fn is_cached(&self, hash: &BlockHash) -> bool {
+        self.inner.cache.lock().unwrap().contains(hash)
+    }
+
     /// Put a block's verified contents in the read cache (write-through).
     pub(crate) fn cache_block(&self, hash: BlockHash, data: Arc<[u8]>) {
         self.inner.cache.lock().unwrap().put(hash, data);
