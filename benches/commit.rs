@@ -91,16 +91,9 @@ fn seal_block(c: &mut Criterion) {
     use std::sync::Arc;
     const BS: usize = 64 << 10;
     let corpus = corpus();
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut noise = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x as u8
-    };
     let mut sparse = vec![0u8; BS];
-    sparse[8192..12288].iter_mut().for_each(|b| *b = noise());
-    let random: Vec<u8> = (0..BS).map(|_| noise()).collect();
+    sparse[8192..12288].copy_from_slice(&geosync_suite::kit::noise(1, 4096));
+    let random = geosync_suite::kit::noise(2, BS);
     let mut g = c.benchmark_group("seal_block");
     g.throughput(Throughput::Bytes(BS as u64));
     for (name, data) in [

@@ -204,6 +204,12 @@ fn truncated_pack_is_reported_not_silently_served() {
         .expect("reading a truncated record must fail");
     assert!(e.to_string().contains("truncated"), "{e}");
     assert!(e.to_string().contains("image \"b\" block 3"), "{e}");
+    // As one request: the read-ahead's span ends short of the cut record,
+    // which is then read alone and reported.
+    let mut buf = vec![0u8; 4 * BS as usize];
+    let e = s.open_image("b").unwrap().read(0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert!(e.to_string().contains("image \"b\" block 3"), "{e}");
     let r = s.scrub(&|_| {}).unwrap();
     assert_eq!(r.damaged.len(), 1);
     assert_eq!(r.damaged[0].users, vec![("b".to_string(), 3, true)]);

@@ -453,10 +453,7 @@ fn sharing_a_swept_block_is_refused_at_commit() {
 /// and `checkpoint` copies it back and restarts it; the data stays whole.
 #[test]
 fn deferred_checkpoints_copy_the_wal_back_and_restart_it() {
-    let (d, s) = new_store();
-    let wal = d.path().join("meta.db-wal");
-    s.create_image("vm", 4096 * BS).unwrap();
-    s.defer_checkpoints().unwrap();
+    let (d, s, wal) = deferred_store();
     let mut want = vec![0u8; 4096 * BS as usize];
     commit_scattered(&s, 0..100, &mut want);
     // SQLite's own checkpoints would have kept the WAL near 1000 pages.
@@ -476,6 +473,16 @@ fn deferred_checkpoints_copy_the_wal_back_and_restart_it() {
     drop(s);
     let s = Store::open(d.path(), OpenMode::ReadOnly).unwrap();
     assert_eq!(read_all(&s, "vm"), want);
+}
+
+/// A store whose checkpoints are deferred (as the mount's), with image
+/// `vm` of 4096 blocks, and the path of its WAL.
+fn deferred_store() -> (tempfile::TempDir, Store, std::path::PathBuf) {
+    let (d, s) = new_store();
+    s.create_image("vm", 4096 * BS).unwrap();
+    s.defer_checkpoints().unwrap();
+    let wal = d.path().join("meta.db-wal");
+    (d, s, wal)
 }
 
 /// Commits of 100 scattered blocks each (every one dirties many pages of
@@ -498,10 +505,7 @@ fn commit_scattered(s: &Store, commits: std::ops::Range<u64>, want: &mut [u8]) {
 /// `WAL_RESTART_FRAMES` the checkpoint restarts it.
 #[test]
 fn checkpoints_bound_the_wal_under_steady_commits() {
-    let (d, s) = new_store();
-    let wal = d.path().join("meta.db-wal");
-    s.create_image("vm", 4096 * BS).unwrap();
-    s.defer_checkpoints().unwrap();
+    let (_d, s, wal) = deferred_store();
     let done = Arc::new(AtomicBool::new(false));
     let checkpointer = {
         let (s, done) = (s.clone(), done.clone());

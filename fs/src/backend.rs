@@ -112,8 +112,9 @@ impl DiskPacks {
         })
     }
 
-    /// Descriptors held open: claimed packs, others, and `O_DIRECT` ones.
-    pub fn open_descriptors(&self) -> (usize, usize, usize) {
+    /// Descriptors held open: claimed packs, others, and `O_DIRECT` ones (tests).
+    #[cfg(test)]
+    fn open_descriptors(&self) -> (usize, usize, usize) {
         let f = self.files.lock().unwrap();
         let direct = self
             .direct

@@ -1650,6 +1650,26 @@ mod tests {
     }
 
     /// A store with 4 KiB blocks whose packs are `packs` (cloned: shared).
+    /// A disk store with `bs`-byte blocks in a temporary directory.
+    fn disk_store(bs: u32) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            block_size: bs,
+            ..Default::default()
+        };
+        let s = Store::init(dir.path(), &opts).unwrap();
+        (dir, s)
+    }
+
+    /// `len` incompressible bytes determined by `seed`.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        let mut h = blake3::Hasher::new();
+        h.update(&seed.to_le_bytes());
+        h.finalize_xof().fill(&mut v);
+        v
+    }
+
     fn store_on<P: crate::backend::PackStorage + Clone + 'static>(packs: P) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("meta.db");
@@ -1910,15 +1930,7 @@ mod tests {
         let packs = CountingPacks::default();
         let (_d, s) = store_on(packs.clone());
         s.create_image("a", 16 * 4096).unwrap();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let data: Vec<u8> = (0..16 * 4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = noise(1, 16 * 4096);
         let mut h = s.open_image("a").unwrap();
         h.write(0, &data).unwrap();
         h.commit().unwrap();
@@ -1934,26 +1946,10 @@ mod tests {
     fn long_reads_of_large_or_many_blocks_come_back_whole() {
         // Blocks larger than a fetched span, and reads of more blocks than one span holds.
         for (bs, blocks) in [(4u32 << 20, 3u64), (64 << 10, 80)] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = Store::init(
-                dir.path(),
-                &InitOptions {
-                    block_size: bs,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            let (_d, s) = disk_store(bs);
             let len = blocks * bs as u64;
             s.create_image("a", len).unwrap();
-            let mut x = 0x853c_49e6_748f_ea9bu64;
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let data = noise(bs as u64, len as usize);
             let mut h = s.open_image("a").unwrap();
             h.write(0, &data).unwrap();
             h.commit().unwrap();
@@ -1974,16 +1970,9 @@ mod tests {
     #[test]
     fn a_fetched_span_caches_its_good_records_and_never_a_damaged_one() {
         use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let opts = InitOptions {
-            block_size: 4096,
-            ..Default::default()
-        };
-        let s = Store::init(dir.path(), &opts).unwrap();
+        let (dir, s) = disk_store(4096);
         s.create_image("a", 8 * 4096).unwrap();
-        let data: Vec<u8> = (0..8 * 4096u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let data = noise(2, 8 * 4096);
         let mut h = s.open_image("a").unwrap();
         h.write(0, &data).unwrap();
         h.commit().unwrap();

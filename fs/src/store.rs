@@ -867,18 +867,15 @@ impl Store {
     /// took half the mount's CPU. Best effort: a block that cannot be read
     /// here is left to [`Store::read_block_shared`], which reports it.
     pub fn fetch_blocks(&self, hashes: &[BlockHash]) {
-        let missing: Vec<BlockHash> = {
+        let mut missing: Vec<BlockHash> = {
             let c = self.inner.cache.lock().unwrap();
             if c.cap().get() < hashes.len() {
                 return; // they would push each other out before being read
             }
-            let mut seen = HashSet::new();
-            hashes
-                .iter()
-                .filter(|h| !c.contains(*h) && seen.insert(**h))
-                .copied()
-                .collect()
+            hashes.iter().filter(|h| !c.contains(*h)).copied().collect()
         };
+        missing.sort_unstable();
+        missing.dedup();
         if missing.len() < 2 {
             return;
         }
