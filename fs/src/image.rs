@@ -1642,7 +1642,7 @@ impl ImageHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::MemPacks;
+    use crate::backend::{FaultPacks, FaultPlan, MemPacks};
     use crate::store::{InitOptions, OpenMode};
 
     fn store() -> (tempfile::TempDir, Store) {
@@ -1863,13 +1863,19 @@ mod tests {
         assert_eq!(s.pins(), 0, "a pack pin leaked");
     }
 
-    /// Every way a handle's jobs can end gives their pack pins back: applied
-    /// and committed, outstanding when the handle is dropped, taken before a
-    /// discard, failed. (A leaked pin keeps its pack claimed: GC could never
-    /// compact it.)
-    /// [`MemPacks`] that counts reads.
+    /// [`MemPacks`] that counts reads (and holds appends to meet, when armed).
     #[derive(Debug, Clone, Default)]
-    struct CountingPacks(MemPacks, Arc<AtomicUsize>);
+    struct CountingPacks(MemPacks, Arc<AtomicUsize>, Arc<Rendezvous>);
+
+    /// When armed, an append of records waits (up to 5 s) until another is
+    /// in progress too, and the most in progress at once is recorded.
+    #[derive(Debug, Default)]
+    struct Rendezvous {
+        armed: std::sync::atomic::AtomicBool,
+        /// (in progress, most at once)
+        state: Mutex<(usize, usize)>,
+        cv: Condvar,
+    }
 
     impl crate::backend::PackStorage for CountingPacks {
         fn list(&self) -> std::io::Result<Vec<PackId>> {
@@ -1879,7 +1885,20 @@ mod tests {
             self.0.create(id)
         }
         fn append(&self, id: PackId, data: &[u8]) -> std::io::Result<()> {
-            self.0.append(id, data)
+            let r = &self.2;
+            if !r.armed.load(Ordering::SeqCst) || data.len() <= pack::PACK_ALIGN as usize {
+                return self.0.append(id, data); // not armed, or a pack header
+            }
+            let mut st = r.state.lock().unwrap();
+            st.0 += 1;
+            st.1 = st.1.max(st.0);
+            r.cv.notify_all();
+            let (mut st, _) =
+                r.cv.wait_timeout_while(st, std::time::Duration::from_secs(5), |st| st.1 < 2)
+                    .unwrap();
+            let res = self.0.append(id, data);
+            st.0 -= 1;
+            res
         }
         fn sync(&self, id: PackId) -> std::io::Result<()> {
             self.0.sync(id)
@@ -1903,6 +1922,65 @@ mod tests {
         fn release(&self, id: PackId) {
             self.0.release(id)
         }
+    }
+
+    /// Seal `data` as one block and append it; returns its name and place.
+    fn append_one(s: &Store, data: &[u8]) -> Result<(BlockHash, BlockLoc)> {
+        let h = pack::hash_block(data);
+        let mut pinned = Vec::new();
+        let r = s.append_pinned(&[pack::seal(data, h, s.config().compression)], &mut pinned);
+        s.unpin_packs(pinned);
+        Ok((h, r?[0]))
+    }
+
+    #[test]
+    fn appends_at_once_go_to_packs_of_their_own() {
+        let packs = CountingPacks::default();
+        let (_d, s) = store_on(packs.clone());
+        packs.2.armed.store(true, Ordering::SeqCst);
+        let blocks: Vec<Vec<u8>> = (0..2).map(|i| noise(i, 4096)).collect();
+        let placed: Vec<(BlockHash, BlockLoc)> = std::thread::scope(|sc| {
+            let running: Vec<_> = blocks
+                .iter()
+                .map(|b| sc.spawn(|| append_one(&s, b).unwrap()))
+                .collect();
+            running.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        // With one appender the second waited for the first to finish.
+        assert_eq!(
+            packs.2.state.lock().unwrap().1,
+            2,
+            "the appends were not made at once"
+        );
+        assert_ne!(placed[0].1.pack, placed[1].1.pack);
+        for ((h, loc), b) in placed.iter().zip(&blocks) {
+            assert_eq!(&s.read_record(h, loc).unwrap(), b);
+        }
+        // Uncontended, appends keep to one pack.
+        packs.2.armed.store(false, Ordering::SeqCst);
+        let a = append_one(&s, &noise(3, 4096)).unwrap().1.pack;
+        assert_eq!(append_one(&s, &noise(4, 4096)).unwrap().1.pack, a);
+    }
+
+    #[test]
+    fn a_pack_whose_sync_failed_is_not_appended_to_again() {
+        let faults = FaultPacks::new(MemPacks::new());
+        let (_d, s) = store_on(faults.clone());
+        let (_, first) = append_one(&s, &noise(1, 4096)).unwrap();
+        faults.set_plan(FaultPlan {
+            fail_sync_at: Some(0),
+            ..Default::default()
+        });
+        assert!(s.sync_packs([first.pack]).is_err());
+        faults.set_plan(FaultPlan::default());
+        let (h, next) = append_one(&s, &noise(2, 4096)).unwrap();
+        assert_ne!(next.pack, first.pack, "appended to a pack that lost data");
+        s.sync_packs([next.pack]).unwrap();
+        assert_eq!(s.read_record(&h, &next).unwrap(), noise(2, 4096));
+        assert!(
+            s.sync_packs([first.pack]).is_err(),
+            "a failed pack was trusted again"
+        );
     }
 
     #[test]
@@ -2005,8 +2083,11 @@ mod tests {
     }
 
     #[test]
+    /// Every way a handle's jobs can end gives their pack pins back: applied
+    /// and committed, outstanding when the handle is dropped, taken before a
+    /// discard, failed. (A leaked pin keeps its pack claimed: GC could never
+    /// compact it.)
     fn pack_pins_are_given_back() {
-        use crate::backend::{FaultPacks, FaultPlan};
         let faults = FaultPacks::new(MemPacks::new());
         let (_d, s) = store_on(faults.clone());
         s.create_image("a", 8 * 4096).unwrap();
