@@ -385,11 +385,14 @@ impl SealJob {
     fn work(&mut self) {
         self.ran = true;
         let blocks = std::mem::take(&mut self.blocks);
-        // A panic must still finish the job: the handle waits for every job.
+        // A panic must still finish the job (the handle waits for every job)
+        // and give back the pins its appends took.
+        let mut pinned = Vec::new();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            seal_blocks(&self.store, &self.known, &self.image, blocks)
+            seal_blocks(&self.store, &self.known, &self.image, blocks, &mut pinned)
         }))
         .unwrap_or_else(|p| {
+            self.store.unpin_packs(std::mem::take(&mut pinned));
             let msg = p
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -471,11 +474,14 @@ fn parallel_map<I: Sync, T: Send>(items: &[I], threads: usize, f: impl Fn(&I) ->
 
 /// Hash the blocks, drop zeros, and compress and append those neither the
 /// store nor `known` has (in parallel). Partial blocks are merged first.
+/// The packs appended to are pinned in `pinned` (the caller's, so a panic
+/// does not lose them), and handed to the output.
 fn seal_blocks(
     store: &Store,
     known: &Mutex<HashMap<BlockHash, BlockLoc>>,
     image: &str,
     blocks: Vec<(u64, u64, Dirty)>,
+    pinned: &mut Vec<PackId>,
 ) -> Result<SealOutput> {
     let t0 = std::time::Instant::now();
     let merged: Vec<bool> = blocks
@@ -545,7 +551,7 @@ fn seal_blocks(
         .map(|(h, data, worth)| pack::seal_shared(data, *h, compression, Some(*worth)))
         .collect();
     let t_comp = t0.elapsed();
-    let r = store.append_pinned(&sealed, &mut out.pinned);
+    let r = store.append_pinned(&sealed, pinned);
     tracing::trace!(
         blocks = blocks.len(),
         merge_us = t_merge.as_micros() as u64,
@@ -558,11 +564,12 @@ fn seal_blocks(
     let locs = match r {
         Ok(l) => l,
         Err(e) => {
-            store.unpin_packs(std::mem::take(&mut out.pinned));
+            store.unpin_packs(std::mem::take(pinned));
             return Err(e);
         }
     };
     out.appended = sealed.iter().map(|s| s.hash).zip(locs).collect();
+    out.pinned = std::mem::take(pinned);
     Ok(out)
 }
 
@@ -1868,10 +1875,12 @@ mod tests {
     struct CountingPacks(MemPacks, Arc<AtomicUsize>, Arc<Rendezvous>);
 
     /// When armed, an append of records waits (up to 5 s) until another is
-    /// in progress too, and the most in progress at once is recorded.
+    /// in progress too, and the most in progress at once is recorded. When
+    /// `panic` is set, an append of records panics (a bug in the write path).
     #[derive(Debug, Default)]
     struct Rendezvous {
         armed: std::sync::atomic::AtomicBool,
+        panic: std::sync::atomic::AtomicBool,
         /// (in progress, most at once)
         state: Mutex<(usize, usize)>,
         cv: Condvar,
@@ -1886,6 +1895,9 @@ mod tests {
         }
         fn append(&self, id: PackId, data: &[u8]) -> std::io::Result<()> {
             let r = &self.2;
+            if r.panic.load(Ordering::SeqCst) && data.len() > pack::PACK_ALIGN as usize {
+                panic!("injected panic in an append");
+            }
             if !r.armed.load(Ordering::SeqCst) || data.len() <= pack::PACK_ALIGN as usize {
                 return self.0.append(id, data); // not armed, or a pack header
             }
@@ -1960,6 +1972,37 @@ mod tests {
         packs.2.armed.store(false, Ordering::SeqCst);
         let a = append_one(&s, &noise(3, 4096)).unwrap().1.pack;
         assert_eq!(append_one(&s, &noise(4, 4096)).unwrap().1.pack, a);
+    }
+
+    #[test]
+    fn a_panicking_seal_job_fails_the_commit_and_writing_goes_on() {
+        let packs = CountingPacks::default();
+        let (_d, s) = store_on(packs.clone());
+        s.create_image("a", 2 * 4096).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &[5; 2 * 4096]).unwrap();
+        h.commit().unwrap();
+        // More panics than there are lanes: each leaves the lane it held poisoned.
+        for round in 0..3u8 {
+            h.write(0, &noise(round.into(), 4096)).unwrap(); // (a record longer than a page)
+            packs.2.panic.store(true, Ordering::SeqCst);
+            h.seal_job(0).unwrap().unwrap().run();
+            packs.2.panic.store(false, Ordering::SeqCst);
+            let e = h.commit().unwrap_err();
+            assert!(matches!(e, Error::Internal(_)), "{e}");
+            assert!(e.to_string().contains("injected panic"), "{e}");
+            let mut b = vec![0; 2 * 4096];
+            h.read(0, &mut b).unwrap();
+            assert_eq!(b, vec![5; 2 * 4096], "round {round}");
+        }
+        h.write(0, &[9; 2 * 4096]).unwrap();
+        h.commit().unwrap();
+        drop(h);
+        let mut b = vec![0; 2 * 4096];
+        s.open_image("a").unwrap().read(0, &mut b).unwrap();
+        assert_eq!(b, vec![9; 2 * 4096]);
+        assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+        assert_eq!(s.pins(), 0, "a pack pin leaked");
     }
 
     #[test]

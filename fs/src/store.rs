@@ -686,13 +686,12 @@ impl Store {
         // A free lane, else wait for one (the first free one when uncontended:
         // a lone writer always appends to the same pack).
         let lanes = &self.inner.lanes;
-        let mut w = match lanes.iter().find_map(|l| l.try_lock().ok()) {
+        let mut w = match (0..lanes.len()).find_map(|i| self.lane(i, false)) {
             Some(w) => w,
             None => {
                 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                lanes[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.len()]
-                    .lock()
-                    .unwrap()
+                let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.len();
+                self.lane(i, true).expect("a blocking lock")
             }
         };
         let mut locs = Vec::with_capacity(sealed.len());
@@ -807,6 +806,31 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Lane `i`, waiting for it or not (`None`: busy). A lane whose holder
+    /// panicked mid-append is reset: its pack's end may hold a partial
+    /// write, so appends go on in a new pack (the records before it stand).
+    fn lane(&self, i: usize, wait: bool) -> Option<MutexGuard<'_, Lane>> {
+        let m = &self.inner.lanes[i];
+        let mut g = if wait {
+            m.lock().unwrap_or_else(|p| p.into_inner())
+        } else {
+            match m.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        };
+        if m.is_poisoned() {
+            m.clear_poison();
+            g.buf = None;
+            if let Some((id, _)) = g.active.take() {
+                tracing::warn!(pack = id, "an append panicked: its pack takes no more records");
+                self.retire(id, false);
+            }
+        }
+        Some(g)
     }
 
     /// A lane stops appending to pack `id`. Its claim is kept while
