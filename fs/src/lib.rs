@@ -73,6 +73,28 @@ impl fmt::Debug for BlockHash {
     }
 }
 
+/// Size the pool that seals blocks (hash, compress, append: rayon's global
+/// pool) to `threads`, or to one more than the CPUs when 0: a sealing
+/// thread waits on the disk while its records are written, and with one
+/// thread per CPU the cores sat idle then (sequential writes through a mount
+/// ran ~15 % faster with 3 threads than 2 on 2 cores; random writes the
+/// same). Call before anything is sealed; `RAYON_NUM_THREADS` wins. Fails
+/// if the pool is already running.
+pub fn set_seal_threads(threads: usize) -> std::result::Result<(), String> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return Ok(());
+    }
+    let n = match threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()) + 1,
+        n => n,
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("geosync-seal-{i}"))
+        .build_global()
+        .map_err(|e| e.to_string())
+}
+
 /// Check an image or snapshot name: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
 pub fn validate_name(name: &str) -> Result<()> {
     let bad = |why| {

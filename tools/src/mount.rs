@@ -46,6 +46,11 @@ pub struct MountArgs {
     /// at the same speed. `MALLOC_ARENA_MAX` in the environment wins.
     #[arg(long, default_value_t = 2)]
     pub malloc_arenas: u32,
+    /// Threads sealing blocks (hash, compress, append); 0: one more than
+    /// the CPUs, so the cores keep busy while a thread waits on the disk.
+    /// `RAYON_NUM_THREADS` in the environment wins.
+    #[arg(long, default_value_t = 0)]
+    pub seal_threads: usize,
 }
 
 /// Whether `mnt` is a geosync FUSE mount (from /proc/self/mountinfo).
@@ -80,6 +85,8 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     if args.malloc_arenas > 0 && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         cap_malloc_arenas(args.malloc_arenas);
     }
+    geosync_fs::set_seal_threads(args.seal_threads)
+        .map_err(|e| anyhow::anyhow!("starting the sealing threads: {e}"))?;
     let store = Store::open(store_dir, OpenMode::ReadWrite)?;
     store.set_read_cache(args.read_cache as usize);
     store.defer_checkpoints()?;
@@ -225,6 +232,7 @@ fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
         .args(["--threads", &args.threads.to_string()])
         .args(["--seal-at", &args.seal_at.to_string()])
         .args(["--malloc-arenas", &args.malloc_arenas.to_string()])
+        .args(["--seal-threads", &args.seal_threads.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
