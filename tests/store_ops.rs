@@ -283,6 +283,42 @@ fn quota_refuses_growth_and_keeps_the_image() {
 }
 
 #[test]
+fn commits_check_the_quota_from_the_rows_they_counted() {
+    let (_d, s) = new_store();
+    s.create_image("q", 64 * BS).unwrap();
+    s.set_quota("q", Some(32 * BS)).unwrap();
+    let mut h = s.open_image("q").unwrap();
+    // Each commit starts from the live rows the one before counted (debug
+    // builds count them again and compare): growth, overwrite, punch,
+    // shrink, growth past the old end.
+    h.write(0, &noise(1, 8 * BS as usize)).unwrap();
+    h.commit().unwrap();
+    h.write(4 * BS, &noise(2, 8 * BS as usize)).unwrap();
+    h.commit().unwrap();
+    h.punch(0, 2 * BS).unwrap();
+    h.commit().unwrap();
+    h.set_size(11 * BS).unwrap();
+    h.commit().unwrap();
+    h.set_size(64 * BS).unwrap();
+    h.write(40 * BS, &noise(3, BS as usize)).unwrap();
+    h.commit().unwrap();
+    assert_eq!(s.image_info("q").unwrap().referenced, 10 * BS);
+    // Lowered underneath the writer: its next growth passes the write-time
+    // check (the handle still knows the old quota) and fails at commit.
+    s.set_quota("q", Some(12 * BS)).unwrap();
+    h.write(50 * BS, &noise(4, 3 * BS as usize)).unwrap();
+    let e = h.commit().unwrap_err();
+    assert!(matches!(e, Error::QuotaExceeded { .. }), "{e}");
+    assert_eq!(s.image_info("q").unwrap().referenced, 10 * BS);
+    // Up to the quota, growth commits.
+    h.write(50 * BS, &noise(5, 2 * BS as usize)).unwrap();
+    h.commit().unwrap();
+    assert_eq!(s.image_info("q").unwrap().referenced, 12 * BS);
+    // The quota is full now: the next new block is refused at once.
+    assert!(matches!(h.write(60 * BS, &[1]), Err(Error::QuotaExceeded { .. })));
+}
+
+#[test]
 fn full_disk_during_commit_keeps_the_previous_version() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("meta.db");

@@ -294,6 +294,9 @@ pub struct ImageHandle {
     map_cache: Mutex<HashMap<u64, Option<BlockHash>>>,
     /// Data blocks of the effective image, when known (for `st_blocks` and quota).
     alloc: Mutex<Option<u64>>,
+    /// Live map rows at a version, as its commit counted them (the next
+    /// commit's quota check starts from them instead of a COUNT).
+    live: Option<(u64, u64)>,
 }
 
 impl Drop for ImageHandle {
@@ -601,6 +604,7 @@ impl ImageHandle {
             shared: HashSet::new(),
             map_cache: Mutex::new(HashMap::new()),
             alloc: Mutex::new(None),
+            live: None,
         }
     }
 
@@ -1511,7 +1515,7 @@ impl ImageHandle {
         let t_sync = t0.elapsed();
         let nstaged = self.staged.len();
         let new_blocks = self.new_blocks.lock().unwrap().clone();
-        let (version, stamp) = self.store.apply_commit(&CommitRequest {
+        let committed = self.store.apply_commit(&CommitRequest {
             image_id: self.row.id,
             name: &self.row.name,
             base_version: self.row.version,
@@ -1520,7 +1524,10 @@ impl ImageHandle {
             staged: &self.staged,
             new_blocks: &new_blocks,
             shared: &self.shared,
+            live_before: self.live.filter(|&(v, _)| v == self.row.version).map(|(_, n)| n),
         })?;
+        let (version, stamp) = (committed.version, committed.stamp);
+        self.live = committed.live.map(|n| (version, n));
         self.row.version = version;
         self.row.size = self.size;
         self.row.stamp = stamp;
@@ -1982,7 +1989,7 @@ mod tests {
         let mut h = s.open_image("a").unwrap();
         h.write(0, &[5; 2 * 4096]).unwrap();
         h.commit().unwrap();
-        // More panics than there are lanes: each leaves the lane it held poisoned.
+        // Each panic leaves the lane it held poisoned (reset as it unwound).
         for round in 0..3u8 {
             h.write(0, &noise(round.into(), 4096)).unwrap(); // (a record longer than a page)
             packs.2.panic.store(true, Ordering::SeqCst);
@@ -1995,6 +2002,8 @@ mod tests {
             h.read(0, &mut b).unwrap();
             assert_eq!(b, vec![5; 2 * 4096], "round {round}");
         }
+        // GC closes every lane, this poisoned one too.
+        s.gc(false).unwrap();
         h.write(0, &[9; 2 * 4096]).unwrap();
         h.commit().unwrap();
         drop(h);

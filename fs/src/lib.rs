@@ -77,8 +77,8 @@ impl fmt::Debug for BlockHash {
 /// pool) to `threads`, or to one more than the CPUs when 0: a sealing
 /// thread waits on the disk while its records are written, and with one
 /// thread per CPU the cores sat idle then (sequential writes through a mount
-/// ran ~15 % faster with 3 threads than 2 on 2 cores; random writes the
-/// same). Call before anything is sealed; `RAYON_NUM_THREADS` wins. Fails
+/// ran ~5 % faster with 3 threads than 2 on 2 cores, medians of 5; random
+/// writes the same). Call before anything is sealed; `RAYON_NUM_THREADS` wins. Fails
 /// if the pool is already running.
 pub fn set_seal_threads(threads: usize) -> std::result::Result<(), String> {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {

@@ -234,6 +234,39 @@ struct Lane {
 /// it (the disk here takes one 8 MiB `O_DIRECT` write at ~2 GB/s).
 const APPEND_LANES: usize = 2;
 
+/// A held lane. If its holder panics mid-append, the lane is reset as the
+/// panic unwinds: its pack's end may hold a partial write, so the pack takes
+/// no more records (those before stand) and its claim follows its pins.
+struct LaneGuard<'a> {
+    store: &'a Store,
+    lane: MutexGuard<'a, Lane>,
+}
+
+impl std::ops::Deref for LaneGuard<'_> {
+    type Target = Lane;
+    fn deref(&self) -> &Lane {
+        &self.lane
+    }
+}
+
+impl std::ops::DerefMut for LaneGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Lane {
+        &mut self.lane
+    }
+}
+
+impl Drop for LaneGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.lane.buf = None;
+            if let Some((id, _)) = self.lane.active.take() {
+                tracing::warn!(pack = id, "an append panicked: its pack takes no more records");
+                self.store.retire(id);
+            }
+        }
+    }
+}
+
 /// Which packs hold uncommitted records, and which are being appended to:
 /// a pack's claim is kept while either holds.
 #[derive(Debug, Default)]
@@ -274,10 +307,8 @@ pub(crate) struct Inner {
     /// Serializes pack syncs (see `sync_packs`).
     sync_lock: Mutex<()>,
     /// Packs whose append or sync failed: their unsynced tail may be lost.
-    /// Its own lock, taken last and held briefly: a pack sync runs while a
-    /// commit holds the database (`Store::apply_commit`), and an append
-    /// holding `writer` may wait for the database (`create_pack`), so
-    /// `sync_packs` must never need `writer`.
+    /// Its own lock, taken last and held briefly, so `sync_packs` never
+    /// waits for a lane (a lane may be held through a long write).
     poisoned: Mutex<HashSet<PackId>>,
     /// Recently read blocks, verified and decompressed (bounded by bytes).
     cache: Mutex<lru::LruCache<BlockHash, Arc<[u8]>>>,
@@ -675,7 +706,7 @@ impl Store {
     }
 
     /// Like [`Store::append_batch`], and pins every pack written to (once per
-    /// pack, listed in `pinned`) before the writer lock is released, so no
+    /// pack, listed in `pinned`) before its lane is released, so no
     /// switch to a new pack can give up a claim the records still need. The
     /// caller unpins them.
     pub(crate) fn append_pinned(&self, sealed: &[Sealed], pinned: &mut Vec<PackId>) -> Result<Vec<BlockLoc>> {
@@ -686,7 +717,7 @@ impl Store {
         // A free lane, else wait for one (the first free one when uncontended:
         // a lone writer always appends to the same pack).
         let lanes = &self.inner.lanes;
-        let mut w = match (0..lanes.len()).find_map(|i| self.lane(i, false)) {
+        let w = match (0..lanes.len()).find_map(|i| self.lane(i, false)) {
             Some(w) => w,
             None => {
                 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -694,6 +725,7 @@ impl Store {
                 self.lane(i, true).expect("a blocking lock")
             }
         };
+        let mut w = LaneGuard { store: self, lane: w };
         let mut locs = Vec::with_capacity(sealed.len());
         let mut i = 0;
         while i < sealed.len() {
@@ -706,7 +738,7 @@ impl Store {
                 old => {
                     if let Some((old, _)) = old {
                         w.active = None;
-                        self.retire(old, poisoned);
+                        self.retire(old);
                     }
                     let id = self.create_pack()?;
                     w.active = Some((id, PACK_DATA_START));
@@ -757,7 +789,7 @@ impl Store {
             if let Err(e) = r {
                 w.active = None;
                 self.inner.poisoned.lock().unwrap().insert(id);
-                self.retire(id, true);
+                self.retire(id);
                 return Err(Error::io(format!("appending to pack {id}"), e));
             }
             w.active = Some((id, off));
@@ -809,8 +841,8 @@ impl Store {
     }
 
     /// Lane `i`, waiting for it or not (`None`: busy). A lane whose holder
-    /// panicked mid-append is reset: its pack's end may hold a partial
-    /// write, so appends go on in a new pack (the records before it stand).
+    /// panicked mid-append was reset as the panic unwound (`LaneGuard`);
+    /// this clears the poison, and resets it again should that have failed.
     fn lane(&self, i: usize, wait: bool) -> Option<MutexGuard<'_, Lane>> {
         let m = &self.inner.lanes[i];
         let mut g = if wait {
@@ -827,37 +859,32 @@ impl Store {
             g.buf = None;
             if let Some((id, _)) = g.active.take() {
                 tracing::warn!(pack = id, "an append panicked: its pack takes no more records");
-                self.retire(id, false);
+                self.retire(id);
             }
         }
         Some(g)
     }
 
     /// A lane stops appending to pack `id`. Its claim is kept while
-    /// uncommitted handles have records in it (recovery elsewhere must not
-    /// cut them), unless the pack failed: what it holds past its last good
-    /// sync is not relied on.
-    fn retire(&self, id: PackId, failed: bool) {
+    /// uncommitted handles have records in it, even if the pack failed:
+    /// another handle's synced records in it may be about to commit, and
+    /// recovery elsewhere must not cut them.
+    fn retire(&self, id: PackId) {
         let mut u = self.inner.uses.lock().unwrap();
         u.active.remove(&id);
-        if failed || !u.users.contains_key(&id) {
+        if !u.users.contains_key(&id) {
             self.inner.packs.release(id);
         }
     }
 
     /// Stop appending to the current packs (GC compacts into fresh ones).
     fn close_active_pack(&self) {
-        for lane in &self.inner.lanes {
-            let mut w = lane.lock().unwrap();
+        for i in 0..self.inner.lanes.len() {
+            let mut w = self.lane(i, true).expect("a blocking lock");
             if let Some((id, _)) = w.active.take() {
-                self.retire(id, false);
+                self.retire(id);
             }
         }
-    }
-
-    /// A handle has uncommitted records in pack `id`.
-    pub(crate) fn pin_pack(&self, id: PackId) {
-        *self.inner.uses.lock().unwrap().users.entry(id).or_default() += 1;
     }
 
     /// Pins held on packs, in all (tests: every handle gives its pins back).
@@ -1633,7 +1660,7 @@ impl Store {
 
     /// Apply a sealed change set to an image as ONE transaction (called by
     /// [`ImageHandle::commit`] after the packs it uses are synced).
-    pub(crate) fn apply_commit(&self, c: &CommitRequest<'_>) -> Result<(u64, Stamp)> {
+    pub(crate) fn apply_commit(&self, c: &CommitRequest<'_>) -> Result<Committed> {
         let t0 = std::time::Instant::now();
         let mut db = self.db();
         let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -1668,14 +1695,23 @@ impl Store {
                 |r| r.get::<_, i64>(0),
             )? as u64)
         };
-        let live_before = if row.quota.is_some() { count_live()? } else { 0 };
+        // Live rows are counted only under a quota, and only when the caller
+        // does not know them for this version: a COUNT is O(image), and ran
+        // twice in every commit of a quota'd image (each commit now adds up
+        // what its statements changed).
+        let live_before = match (row.quota, c.live_before) {
+            (None, _) => None,
+            (Some(_), Some(n)) => Some(n),
+            (Some(_), None) => Some(count_live()?),
+        };
+        let mut delta: i64 = 0;
         {
             index_records(&tx, c.new_blocks.iter().map(|(h, l)| (h, l)))?;
             if let Some(t) = c.trunc_from {
-                tx.execute(
+                delta -= tx.execute(
                     "UPDATE map SET died = ?3 WHERE image = ?1 AND died IS NULL AND block >= ?2",
                     params![c.image_id, t as i64, v as i64],
-                )?;
+                )? as i64;
             }
             // A replaced row that no snapshot pins (born after the newest
             // one) is deleted outright: marking it dead for the prune below
@@ -1696,18 +1732,24 @@ impl Store {
             )?;
             for (&block, staged) in c.staged {
                 let unpinned = newest_snapshot.unwrap_or(-1);
-                if drop_row.execute(params![c.image_id, block as i64, unpinned])? == 0 {
-                    kill.execute(params![c.image_id, block as i64, v as i64])?;
+                let mut gone = drop_row.execute(params![c.image_id, block as i64, unpinned])?;
+                if gone == 0 {
+                    gone = kill.execute(params![c.image_id, block as i64, v as i64])?;
                 }
+                delta -= gone as i64;
                 if let Staged::Block(h) = staged {
-                    insert.execute(params![c.image_id, block as i64, v as i64, &h.0[..]])?;
+                    delta += insert.execute(params![c.image_id, block as i64, v as i64, &h.0[..]])? as i64;
                 }
             }
         }
-        if let Some(quota) = row.quota {
-            let live = count_live()?;
+        let live = live_before.map(|n| (n as i64 + delta).max(0) as u64);
+        #[cfg(debug_assertions)]
+        if let Some(live) = live {
+            debug_assert_eq!(live, count_live()?, "live rows of {} miscounted", c.name);
+        }
+        if let (Some(quota), Some(live), Some(before)) = (row.quota, live, live_before) {
             // Refuse growth past the quota; a commit that shrinks usage is always allowed.
-            if live * self.block_size() > quota && live > live_before {
+            if live * self.block_size() > quota && live > before {
                 // Dropping `tx` rolls everything back.
                 return Err(Error::QuotaExceeded {
                     image: c.name.into(),
@@ -1728,7 +1770,11 @@ impl Store {
             commit_us = t1.elapsed().as_micros() as u64,
             "metadata transaction"
         );
-        Ok((v, stamp))
+        Ok(Committed {
+            version: v,
+            stamp,
+            live,
+        })
     }
 }
 
@@ -1830,6 +1876,16 @@ pub(crate) struct CommitRequest<'a> {
     pub new_blocks: &'a HashMap<BlockHash, BlockLoc>,
     /// Blocks shared from other images: they must still be indexed.
     pub shared: &'a HashSet<BlockHash>,
+    /// Live map rows at `base_version`, if the caller knows them.
+    pub live_before: Option<u64>,
+}
+
+/// What [`Store::apply_commit`] made.
+pub(crate) struct Committed {
+    pub version: u64,
+    pub stamp: Stamp,
+    /// Live map rows of the new version, when counted (under a quota).
+    pub live: Option<u64>,
 }
 
 fn retry_eintr(mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {

@@ -85,8 +85,9 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     if args.malloc_arenas > 0 && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         cap_malloc_arenas(args.malloc_arenas);
     }
-    geosync_fs::set_seal_threads(args.seal_threads)
-        .map_err(|e| anyhow::anyhow!("starting the sealing threads: {e}"))?;
+    if let Err(e) = geosync_fs::set_seal_threads(args.seal_threads) {
+        tracing::warn!(error = %e, "could not size the sealing pool; it keeps its size");
+    }
     let store = Store::open(store_dir, OpenMode::ReadWrite)?;
     store.set_read_cache(args.read_cache as usize);
     store.defer_checkpoints()?;

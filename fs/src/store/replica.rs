@@ -251,11 +251,10 @@ impl Store {
         }
         // Like a commit: inside the stage gate, synced before indexed.
         let _stage = self.stage_enter()?;
-        let locs = self.append_batch(&sealed)?;
-        let packs: std::collections::BTreeSet<u64> = locs.iter().map(|l| l.pack).collect();
-        for p in &packs {
-            self.pin_pack(*p);
-        }
+        // Pinned as they are appended: a switch to a new pack must not give up
+        // the claim these records still need.
+        let mut packs = Vec::new();
+        let locs = self.append_pinned(&sealed, &mut packs)?;
         let r = (|| {
             self.sync_packs(packs.iter().copied())?;
             let mut db = self.db();
