@@ -29,10 +29,8 @@ use crate::pack::{self, is_zero};
 use crate::store::{BlockLoc, CommitRequest, ImageRow, StageGuard, WriterLease};
 use crate::{BlockHash, Error, Result, Stamp, Store};
 
-/// Blocks hashed, compressed and appended together when sealing.
-const SEAL_CHUNK: usize = 256;
-
-/// Bytes of dirty blocks one [`SealJob`] takes.
+/// Bytes of dirty blocks one [`SealJob`] takes (and a commit seals at a
+/// time: each lane's append buffer is sized for it).
 pub const SEAL_JOB_BYTES: usize = 8 << 20;
 
 /// Default bound of a handle's dirty set.
@@ -1475,7 +1473,7 @@ impl ImageHandle {
         self.apply_jobs(self.jobs.take())?;
         // In chunks, so sealing needs little memory beyond the dirty set itself.
         while !self.dirty.is_empty() {
-            self.take_job(SEAL_CHUNK)?.run();
+            self.take_job((SEAL_JOB_BYTES / self.bs as usize).max(1))?.run();
             self.apply_jobs(self.jobs.take())?;
         }
         Ok(())

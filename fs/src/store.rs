@@ -277,8 +277,10 @@ struct PackUse {
     active: HashSet<PackId>,
 }
 
-/// Size of the append buffer kept between batches (a seal chunk fits).
-const REUSED_BUF: usize = 24 << 20;
+/// Size of the append buffer each lane keeps between batches: a seal job's
+/// blocks (`image::SEAL_JOB_BYTES`) and their record headers fit. Larger
+/// batches (compaction) get a buffer of their own, freed after.
+const REUSED_BUF: usize = 10 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Inner {
