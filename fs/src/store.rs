@@ -701,16 +701,11 @@ impl Store {
 
     // ------------------------------------------------------------ packs
 
-    /// Append sealed blocks; returns their locations. The bytes are not
-    /// durable until [`Store::sync_packs`].
-    pub(crate) fn append_batch(&self, sealed: &[Sealed]) -> Result<Vec<BlockLoc>> {
-        self.append(sealed, None)
-    }
-
-    /// Like [`Store::append_batch`], and pins every pack written to (once per
-    /// pack, listed in `pinned`) before its lane is released, so no
-    /// switch to a new pack can give up a claim the records still need. The
-    /// caller unpins them.
+    /// Append sealed records (in as many packs as it takes); returns their
+    /// locations. Every pack written to is pinned (once per pack, listed in
+    /// `pinned`) before its lane is released, so no switch to a new pack can
+    /// give up a claim the records still need; the caller unpins them. The
+    /// bytes are not durable until [`Store::sync_packs`].
     pub(crate) fn append_pinned(&self, sealed: &[Sealed], pinned: &mut Vec<PackId>) -> Result<Vec<BlockLoc>> {
         self.append(sealed, Some(pinned))
     }

@@ -251,32 +251,40 @@ impl Store {
                 codec: loc.codec,
             });
         }
-        let locs = self.append_batch(&sealed)?;
-        let mut ends: BTreeMap<PackId, u64> = BTreeMap::new();
-        for l in &locs {
-            let e = ends.entry(l.pack).or_default();
-            *e = (*e).max(align_up(l.end()));
-        }
-        self.sync_packs(ends.keys().copied())?;
-        {
-            let mut db = self.db();
-            let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            for ((hash, _), l) in rows.iter().zip(&locs) {
-                tx.execute(
-                    "UPDATE blocks SET pack = ?2, offset = ?3 WHERE hash = ?1",
-                    params![&hash.0[..], l.pack as i64, l.offset as i64],
-                )?;
+        // Pinned as they are appended: a switch to a new pack must not give
+        // up the claim these records need until the index points at them.
+        let mut pinned = Vec::new();
+        let r = (|| -> Result<()> {
+            let locs = self.append_pinned(&sealed, &mut pinned)?;
+            let mut ends: BTreeMap<PackId, u64> = BTreeMap::new();
+            for l in &locs {
+                let e = ends.entry(l.pack).or_default();
+                *e = (*e).max(align_up(l.end()));
             }
-            for (p, end) in ends {
-                tx.execute(
+            self.sync_packs(ends.keys().copied())?;
+            {
+                let mut db = self.db();
+                let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                for ((hash, _), l) in rows.iter().zip(&locs) {
+                    tx.execute(
+                        "UPDATE blocks SET pack = ?2, offset = ?3 WHERE hash = ?1",
+                        params![&hash.0[..], l.pack as i64, l.offset as i64],
+                    )?;
+                }
+                for (p, end) in ends {
+                    tx.execute(
                     "INSERT INTO packs(id, committed_len) VALUES (?1, ?2)
                      ON CONFLICT(id) DO UPDATE SET committed_len = MAX(committed_len, excluded.committed_len)",
                     params![p as i64, end as i64],
                 )?;
+                }
+                tx.execute("DELETE FROM packs WHERE id = ?1", [id as i64])?;
+                tx.commit()?;
             }
-            tx.execute("DELETE FROM packs WHERE id = ?1", [id as i64])?;
-            tx.commit()?;
-        }
+            Ok(())
+        })();
+        self.unpin_packs(pinned);
+        r?;
         self.inner
             .packs
             .remove(id)
