@@ -562,13 +562,7 @@ fn seal_blocks(
         append_us = (t0.elapsed() - t_comp).as_micros() as u64,
         "sealed"
     );
-    let locs = match r {
-        Ok(l) => l,
-        Err(e) => {
-            store.unpin_packs(std::mem::take(pinned));
-            return Err(e);
-        }
-    };
+    let locs = r?; // (a failed append gave its pins back)
     out.appended = sealed.iter().map(|s| s.hash).zip(locs).collect();
     out.pinned = std::mem::take(pinned);
     Ok(out)
@@ -1661,7 +1655,6 @@ mod tests {
         store_on(MemPacks::new())
     }
 
-    /// A store with 4 KiB blocks whose packs are `packs` (cloned: shared).
     /// A disk store with `bs`-byte blocks in a temporary directory.
     fn disk_store(bs: u32) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -1682,6 +1675,7 @@ mod tests {
         v
     }
 
+    /// A store with 4 KiB blocks whose packs are `packs` (cloned: shared).
     fn store_on<P: crate::backend::PackStorage + Clone + 'static>(packs: P) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("meta.db");

@@ -704,13 +704,19 @@ impl Store {
     /// Append sealed records (in as many packs as it takes); returns their
     /// locations. Every pack written to is pinned (once per pack, listed in
     /// `pinned`) before its lane is released, so no switch to a new pack can
-    /// give up a claim the records still need; the caller unpins them. The
-    /// bytes are not durable until [`Store::sync_packs`].
+    /// give up a claim the records still need; the caller unpins them (on
+    /// error this does: `pinned` is as it was). The bytes are not durable
+    /// until [`Store::sync_packs`].
     pub(crate) fn append_pinned(&self, sealed: &[Sealed], pinned: &mut Vec<PackId>) -> Result<Vec<BlockLoc>> {
-        self.append(sealed, Some(pinned))
+        let before = pinned.len();
+        let r = self.append(sealed, pinned);
+        if r.is_err() {
+            self.unpin_packs(pinned.drain(before..));
+        }
+        r
     }
 
-    fn append(&self, sealed: &[Sealed], mut pinned: Option<&mut Vec<PackId>>) -> Result<Vec<BlockLoc>> {
+    fn append(&self, sealed: &[Sealed], pinned: &mut Vec<PackId>) -> Result<Vec<BlockLoc>> {
         // A free lane, else wait for one (the first free one when uncontended:
         // a lone writer always appends to the same pack).
         let lanes = &self.inner.lanes;
@@ -743,11 +749,9 @@ impl Store {
                     (id, PACK_DATA_START)
                 }
             };
-            if let Some(p) = pinned.as_deref_mut() {
-                if !p.contains(&id) {
-                    p.push(id);
-                    *self.inner.uses.lock().unwrap().users.entry(id).or_default() += 1;
-                }
+            if !pinned.contains(&id) {
+                pinned.push(id);
+                *self.inner.uses.lock().unwrap().users.entry(id).or_default() += 1;
             }
             let mut parts: Vec<&[u8]> = Vec::new();
             let mut off = start;
@@ -838,11 +842,11 @@ impl Store {
     }
 
     /// Lane `i`, waiting for it or not (`None`: busy). A lane whose holder
-    /// panicked mid-append was reset as the panic unwound (`LaneGuard`);
-    /// this clears the poison, and resets it again should that have failed.
+    /// panicked mid-append was reset as the panic unwound (`LaneGuard`):
+    /// its poison is cleared.
     fn lane(&self, i: usize, wait: bool) -> Option<MutexGuard<'_, Lane>> {
         let m = &self.inner.lanes[i];
-        let mut g = if wait {
+        let g = if wait {
             m.lock().unwrap_or_else(|p| p.into_inner())
         } else {
             match m.try_lock() {
@@ -853,11 +857,6 @@ impl Store {
         };
         if m.is_poisoned() {
             m.clear_poison();
-            g.buf = None;
-            if let Some((id, _)) = g.active.take() {
-                tracing::warn!(pack = id, "an append panicked: its pack takes no more records");
-                self.retire(id);
-            }
         }
         Some(g)
     }
@@ -1078,7 +1077,9 @@ impl Store {
     /// pages (at most [`CHECKPOINT_BUSY_WAIT`] for readers; if a reader keeps
     /// it from finishing, the next 10 calls do not try). After
     /// [`CHECKPOINT_FAILURES_MAX`] failures in a row SQLite's own
-    /// checkpoints are turned back on, so the WAL stays bounded.
+    /// checkpoints are turned back on, so the WAL stays bounded. Failures are
+    /// logged: the first of a run, then every 240th (once a minute at
+    /// [`CHECKPOINT_INTERVAL`]).
     pub fn checkpoint(&self) -> Result<Checkpoint> {
         let mut st = self.inner.checkpointer.lock().unwrap();
         let r = self.checkpoint_with(&mut st);
@@ -1086,6 +1087,9 @@ impl Store {
             Ok(_) => st.failures = 0,
             Err(e) => {
                 st.failures += 1;
+                if st.failures == 1 || st.failures.is_multiple_of(240) {
+                    warn!(error = %e, failures = st.failures, "checkpointing the metadata WAL failed; retrying");
+                }
                 if st.failures == CHECKPOINT_FAILURES_MAX {
                     warn!(error = %e, "metadata checkpoints keep failing: SQLite checkpoints in commits again");
                     self.db().pragma_update(None, "wal_autocheckpoint", 1000)?;

@@ -93,20 +93,10 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     store.defer_checkpoints()?;
     {
         let store = store.clone();
-        std::thread::spawn(move || {
-            let mut failures = 0u32;
-            loop {
-                std::thread::sleep(geosync_fs::store::CHECKPOINT_INTERVAL);
-                match store.checkpoint() {
-                    Ok(_) => failures = 0,
-                    Err(e) => {
-                        failures += 1;
-                        if failures == 1 || failures.is_multiple_of(240) {
-                            warn!(error = %e, failures, "checkpointing the metadata WAL failed; retrying");
-                        }
-                    }
-                }
-            }
+        // Failures are logged (rate-limited) and counted by the store.
+        std::thread::spawn(move || loop {
+            std::thread::sleep(geosync_fs::store::CHECKPOINT_INTERVAL);
+            let _ = store.checkpoint();
         });
     }
     let vfs = Arc::new(Vfs::new(
