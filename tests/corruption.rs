@@ -210,6 +210,14 @@ fn truncated_pack_is_reported_not_silently_served() {
     let e = s.open_image("b").unwrap().read(0, &mut buf).unwrap_err();
     assert!(e.to_string().contains("truncated"), "{e}");
     assert!(e.to_string().contains("image \"b\" block 3"), "{e}");
+    // A sector write into it: the merge reads the old record past the page
+    // cache, and meets the cut the same way.
+    let mut h = s.open_image("b").unwrap();
+    h.write(3 * BS + 512, &[9; 512]).unwrap();
+    let e = h.commit().unwrap_err();
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert!(e.to_string().contains("image \"b\" block 3"), "{e}");
+    drop(h);
     let r = s.scrub(&|_| {}).unwrap();
     assert_eq!(r.damaged.len(), 1);
     assert_eq!(r.damaged[0].users, vec![("b".to_string(), 3, true)]);

@@ -26,7 +26,7 @@ use rusqlite::OptionalExtension;
 use crate::backend::PackId;
 use crate::meta;
 use crate::pack::{self, is_zero};
-use crate::store::{BlockLoc, CommitRequest, ImageRow, StageGuard, WriterLease};
+use crate::store::{BlockLoc, CommitRequest, ImageRow, StageGuard, Via, WriterLease};
 use crate::{BlockHash, Error, Result, Stamp, Store};
 
 /// Bytes of dirty blocks one [`SealJob`] takes (and a commit seals at a
@@ -152,11 +152,12 @@ fn read_stored(
     hash: &BlockHash,
     image: &str,
     block: u64,
+    via: Via,
 ) -> Result<Arc<[u8]>> {
     let loc = known.lock().unwrap().get(hash).copied();
     let r = match loc {
-        Some(loc) => store.read_record_shared(hash, &loc),
-        None => store.read_block_shared(hash),
+        Some(loc) => store.read_record_via(hash, &loc, via),
+        None => store.read_block_via(hash, via),
     };
     r.map_err(|e| e.at_block(image, block))
 }
@@ -175,7 +176,7 @@ impl Merge {
             Base::Zero => vec![0; bs],
             Base::Bytes(d) => d.to_vec(),
             Base::Stored(h) => {
-                let mut v = read_stored(store, known, h, image, block)?.to_vec();
+                let mut v = read_stored(store, known, h, image, block, Via::Direct)?.to_vec();
                 v.resize(bs, 0);
                 v
             }
@@ -747,7 +748,14 @@ impl ImageHandle {
 
     /// A block's bytes, shared with the read cache (no copy).
     fn read_shared(&self, hash: &BlockHash, block: u64) -> Result<Arc<[u8]>> {
-        read_stored(&self.store, &self.new_blocks, hash, &self.row.name, block)
+        read_stored(
+            &self.store,
+            &self.new_blocks,
+            hash,
+            &self.row.name,
+            block,
+            Via::PageCache,
+        )
     }
 
     /// Start reading a stored block's old contents into the read cache in
@@ -765,7 +773,7 @@ impl ImageHandle {
             if QUEUED.fetch_add(1, Ordering::Relaxed) < PREFETCH_MAX {
                 let store = self.store.clone();
                 let job = Box::new(move || {
-                    let _ = store.read_block_shared(&h); // an error shows when the block is merged
+                    let _ = store.read_block_via(&h, Via::Direct); // an error shows when the block is merged
                     QUEUED.fetch_sub(1, Ordering::Relaxed);
                 });
                 if prefetch_queue().send(job).is_err() {
