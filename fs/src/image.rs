@@ -1496,9 +1496,10 @@ impl ImageHandle {
 
     fn try_commit(&mut self) -> Result<CommitInfo> {
         let t0 = std::time::Instant::now();
-        self.apply_jobs(self.jobs.wait_all())?;
-        let t_wait = t0.elapsed();
         self.seal()?;
+        let t_seal_first = t0.elapsed();
+        self.apply_jobs(self.jobs.wait_all())?;
+        let t_wait = t0.elapsed() - t_seal_first;
         let t_seal = t0.elapsed();
         // A commit does not change what the image holds: the allocation stays valid.
         let alloc = *self.alloc.lock().unwrap();
@@ -1558,7 +1559,7 @@ impl ImageHandle {
             %stamp,
             blocks = nstaged,
             wait_us = t_wait.as_micros() as u64,
-            seal_us = (t_seal - t_wait).as_micros() as u64,
+            seal_us = t_seal_first.as_micros() as u64,
             sync_us = (t_sync - t_seal).as_micros() as u64,
             meta_us = (t0.elapsed() - t_sync).as_micros() as u64,
             "committed"
