@@ -360,6 +360,69 @@ fn full_disk_during_commit_keeps_the_previous_version() {
     assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
 }
 
+/// A GC whose compaction runs out of space (or whose pack sync fails)
+/// stops with the error and moves nothing: every image reads back whole,
+/// before and after a crash, and the next GC with space compacts.
+#[test]
+fn gc_on_a_full_disk_moves_nothing_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let packs = FaultPacks::new(MemPacks::new());
+    let opts = InitOptions {
+        block_size: BS as u32,
+        ..Default::default()
+    };
+    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    s.create_image("keep", 64 * BS).unwrap();
+    s.create_image("drop", 64 * BS).unwrap();
+    for i in 0..16 {
+        write_commit(&s, "keep", i * BS, &noise(300 + i, BS as usize));
+        write_commit(&s, "drop", i * BS, &noise(400 + i, 3 * BS as usize));
+    }
+    let keep = read_all(&s, "keep");
+    s.remove_image("drop").unwrap();
+    assert_eq!(s.gc(true).unwrap().compact_packs.len(), 1);
+    let packs_before = s.stats().unwrap().pack_bytes;
+    for plan in [
+        FaultPlan {
+            enospc_after_bytes: Some(2 * BS),
+            ..Default::default()
+        },
+        FaultPlan {
+            fail_sync_at: Some(0),
+            ..Default::default()
+        },
+    ] {
+        let enospc = plan.enospc_after_bytes.is_some();
+        packs.set_plan(plan);
+        let e = s.gc(false).unwrap_err();
+        packs.set_plan(FaultPlan::default());
+        if enospc {
+            assert!(matches!(e, Error::NoSpace(_)), "{e}");
+        } else {
+            assert!(matches!(e, Error::Io { .. }), "{e}");
+        }
+        assert_eq!(read_all(&s, "keep"), keep);
+        assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+    }
+    // What the failed compactions appended was never synced or indexed.
+    packs.crash();
+    drop(s);
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    assert_eq!(read_all(&s, "keep"), keep);
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+    s.gc(false).unwrap();
+    let after = s.stats().unwrap();
+    assert!(
+        after.pack_bytes < packs_before / 2,
+        "{packs_before} -> {}",
+        after.pack_bytes
+    );
+    assert_eq!(after.indexed_blocks, 16);
+    assert_eq!(read_all(&s, "keep"), keep);
+}
+
 #[test]
 fn bad_input_is_refused_clearly() {
     let (d, s) = new_store();
