@@ -137,18 +137,24 @@ fn resize_is_instant_and_exact() {
     assert_eq!(h.seek_data(2 * BS).unwrap(), None);
 }
 
+/// Image `keep` (16 blocks) written interleaved with image `drop` (16
+/// blocks of 3 each) so both live in the same pack, then `drop` removed:
+/// that pack is mostly garbage. Returns what `keep` holds.
+fn keep_beside_garbage(s: &Store) -> Vec<u8> {
+    s.create_image("keep", 64 * BS).unwrap();
+    s.create_image("drop", 64 * BS).unwrap();
+    for i in 0..16 {
+        write_commit(s, "keep", i * BS, &noise(100 + i, BS as usize));
+        write_commit(s, "drop", i * BS, &noise(200 + i, 3 * BS as usize));
+    }
+    s.remove_image("drop").unwrap();
+    read_all(s, "keep")
+}
+
 #[test]
 fn gc_frees_removed_images_and_compacts() {
     let (d, s) = new_store();
-    s.create_image("keep", 64 * BS).unwrap();
-    s.create_image("drop", 64 * BS).unwrap();
-    // Interleave so both live in the same pack.
-    for i in 0..16 {
-        write_commit(&s, "keep", i * BS, &noise(100 + i, BS as usize));
-        write_commit(&s, "drop", i * BS, &noise(200 + i, 3 * BS as usize));
-    }
-    let keep = read_all(&s, "keep");
-    s.remove_image("drop").unwrap();
+    let keep = keep_beside_garbage(&s);
     let plan = s.gc(true).unwrap();
     assert!(plan.dead_blocks >= 16);
     assert_eq!(plan.compact_packs.len(), 1, "{plan:?}");
@@ -374,14 +380,7 @@ fn gc_on_a_full_disk_moves_nothing_and_loses_nothing() {
     };
     Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
     let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
-    s.create_image("keep", 64 * BS).unwrap();
-    s.create_image("drop", 64 * BS).unwrap();
-    for i in 0..16 {
-        write_commit(&s, "keep", i * BS, &noise(300 + i, BS as usize));
-        write_commit(&s, "drop", i * BS, &noise(400 + i, 3 * BS as usize));
-    }
-    let keep = read_all(&s, "keep");
-    s.remove_image("drop").unwrap();
+    let keep = keep_beside_garbage(&s);
     assert_eq!(s.gc(true).unwrap().compact_packs.len(), 1);
     let packs_before = s.stats().unwrap().pack_bytes;
     for plan in [

@@ -69,18 +69,6 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
 
 // ---------------------------------------------------------------- disk
 
-// Appends of page-aligned buffers are written with `O_DIRECT`, small ones
-// too. Session 6 kept appends under 1 MiB buffered: an `O_DIRECT` write
-// returns once the device has the data, and one seal job waited ~0.15 ms on
-// it per 64 KiB block. Measured again with seal jobs running beside the
-// writers, buffered appends cost more: fio's random 4 KiB writes (fsync every
-// 32) spent their seal jobs' time copying into the page cache
-// (`copy_folio_from_iter_atomic`, ~12 % of both cores) and a buffered write
-// waited on the journal of the pack's file system (1 ms on average, under
-// strace); the commit's `fdatasync` then wrote the pages out. All-direct:
-// ~3.1k IOPS against ~2.4k (two runs each), `fsync` 6.3-6.9 ms against
-// 8.0-8.7; sequential writes and reads unchanged.
-
 /// Packs as files in a directory.
 #[derive(Debug)]
 pub struct DiskPacks {
@@ -212,6 +200,10 @@ impl PackStorage for DiskPacks {
     }
 
     fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
+        // Every page-aligned buffer goes around the page cache, small ones
+        // too: buffered, fio's random 4 KiB writes spent ~12 % of both cores
+        // copying seal jobs' records into the page cache, and each write
+        // waited ~1 ms on the pack file system's journal (ARCHITECTURE.md).
         let aligned = data.len().is_multiple_of(4096) && (data.as_ptr() as usize).is_multiple_of(4096);
         if aligned {
             if let Some(f) = self.direct_file(id)? {

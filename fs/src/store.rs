@@ -324,7 +324,6 @@ pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// Where a block's record is.
 /// How a record is read from its pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Via {
@@ -346,6 +345,14 @@ pub(crate) enum Via {
 /// Alignment of direct reads of packs.
 const SPAN_ALIGN: u64 = 4096;
 
+/// The page-aligned span `[start, end)` holding the pack bytes `[from, to)`.
+fn page_span(from: u64, to: u64) -> (u64, u64) {
+    (
+        from / SPAN_ALIGN * SPAN_ALIGN,
+        to.div_ceil(SPAN_ALIGN) * SPAN_ALIGN,
+    )
+}
+
 /// `f` on a page-aligned buffer of `len` bytes (a multiple of
 /// [`SPAN_ALIGN`]), kept per thread: as large as the largest span read so
 /// far, at least [`SPAN_MAX`] and a page each side.
@@ -364,6 +371,7 @@ fn with_span_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
+/// Where a block's record is.
 const LOOKUP_SQL: &str = "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1";
 
 /// Longest run of records [`Store::fetch_blocks`] reads at once.
@@ -966,17 +974,14 @@ impl Store {
     pub(crate) fn read_record_via(&self, hash: &BlockHash, loc: &BlockLoc, via: Via) -> Result<Arc<[u8]>> {
         let read_err = |e: io::Error| record_read_error(hash, loc, e);
         if via == Via::Direct {
-            let len = RECORD_HEADER_LEN as u64 + loc.stored_len as u64;
-            let start = loc.offset / SPAN_ALIGN * SPAN_ALIGN;
-            let end = (loc.offset + len).div_ceil(SPAN_ALIGN) * SPAN_ALIGN;
+            let (start, end) = page_span(loc.offset, loc.end());
             return with_span_buf((end - start) as usize, |span| {
                 let got = self
                     .inner
                     .packs
                     .read_direct(loc.pack, start, span)
                     .map_err(read_err)?;
-                let from = (loc.offset - start) as usize;
-                let to = from + len as usize;
+                let (from, to) = ((loc.offset - start) as usize, (loc.end() - start) as usize);
                 if got < to {
                     return Err(read_err(io::ErrorKind::UnexpectedEof.into()));
                 }
@@ -1074,14 +1079,8 @@ impl Store {
     /// cache those that verify.
     fn fetch_span(&self, records: &[(BlockHash, BlockLoc)]) {
         let pack = records[0].1.pack;
-        let start = records[0].1.offset / SPAN_ALIGN * SPAN_ALIGN;
-        let end = records
-            .iter()
-            .map(|(_, l)| l.end())
-            .max()
-            .unwrap_or(start)
-            .div_ceil(SPAN_ALIGN)
-            * SPAN_ALIGN;
+        let first = records[0].1.offset;
+        let (start, end) = page_span(first, records.iter().map(|(_, l)| l.end()).max().unwrap_or(first));
         let opened: Vec<(BlockHash, Arc<[u8]>)> = with_span_buf((end - start) as usize, |span| {
             let got = match self.inner.packs.read_direct(pack, start, span) {
                 Ok(n) => n,
