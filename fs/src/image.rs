@@ -296,10 +296,15 @@ pub struct ImageHandle {
     /// Live map rows at a version, as its commit counted them (the next
     /// commit's quota check starts from them instead of a COUNT).
     live: Option<(u64, u64)>,
+    /// Bytes of blocks this handle holds in memory (dirty or being sealed)
+    /// as last told to the store, whose read cache may use what the mount's
+    /// dirty limit leaves over ([`Store::lend_to_read_cache`]).
+    held: usize,
 }
 
 impl Drop for ImageHandle {
     fn drop(&mut self) {
+        self.store.hold_memory(self.held, 0);
         // Jobs in flight hold pins on the packs they wrote: wait, then drop them.
         for (_, r) in self.jobs.wait_all() {
             if let Ok(out) = r {
@@ -598,6 +603,7 @@ impl ImageHandle {
             map_cache: Mutex::new(HashMap::new()),
             alloc: Mutex::new(None),
             live: None,
+            held: 0,
         }
     }
 
@@ -1114,6 +1120,17 @@ impl ImageHandle {
         self.dirty_bytes + self.sealing_bytes
     }
 
+    /// Tell the store what this handle now holds in memory (called by every
+    /// public method that changes it: the read cache shrinks as the dirty
+    /// set grows, and grows back as it is committed).
+    fn account_memory(&mut self) {
+        let now = self.dirty_bytes + self.sealing_bytes;
+        if now != self.held {
+            self.store.hold_memory(self.held, now);
+            self.held = now;
+        }
+    }
+
     /// Bytes of uncommitted blocks, sealed or not: what the next commit writes.
     pub fn pending_bytes(&self) -> usize {
         self.dirty_bytes + self.sealing_bytes + self.staged.len() * self.bs as usize
@@ -1121,6 +1138,12 @@ impl ImageHandle {
 
     /// Write `data` at `offset`, growing the image if it ends past the end.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let r = self.write_unaccounted(offset, data);
+        self.account_memory();
+        r
+    }
+
+    fn write_unaccounted(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.ensure_lease()?;
         let end = offset
             .checked_add(data.len() as u64)
@@ -1196,6 +1219,12 @@ impl ImageHandle {
     /// range: both read back as zeros, and whole blocks become holes). Does
     /// not change the size. Costs O(data blocks in the range).
     pub fn punch(&mut self, offset: u64, len: u64) -> Result<()> {
+        let r = self.punch_unaccounted(offset, len);
+        self.account_memory();
+        r
+    }
+
+    fn punch_unaccounted(&mut self, offset: u64, len: u64) -> Result<()> {
         self.ensure_lease()?;
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
@@ -1239,6 +1268,12 @@ impl ImageHandle {
     /// Set the size: grow adds holes; shrink drops everything past the new
     /// end (the tail of a partial last block reads as zeros).
     pub fn set_size(&mut self, new: u64) -> Result<()> {
+        let r = self.set_size_unaccounted(new);
+        self.account_memory();
+        r
+    }
+
+    fn set_size_unaccounted(&mut self, new: u64) -> Result<()> {
         self.ensure_lease()?;
         if new >= self.size {
             self.size = new;
@@ -1377,6 +1412,12 @@ impl ImageHandle {
     /// writer goes on, so an `fsync` finds little left to seal. (A block
     /// written again after that is sealed again: CPU spent off the path.)
     pub fn seal_job_when(&mut self, min_bytes: usize, eager: bool) -> Result<Option<SealJob>> {
+        let r = self.seal_job_when_unaccounted(min_bytes, eager);
+        self.account_memory();
+        r
+    }
+
+    fn seal_job_when_unaccounted(&mut self, min_bytes: usize, eager: bool) -> Result<Option<SealJob>> {
         self.check_writable()?;
         self.apply_jobs(self.jobs.take())?;
         let idle = eager && self.jobs.running() == 0;
@@ -1486,6 +1527,12 @@ impl ImageHandle {
     /// error the uncommitted changes are dropped and the image stays at its
     /// last committed version.
     pub fn commit(&mut self) -> Result<CommitInfo> {
+        let r = self.commit_unaccounted();
+        self.account_memory();
+        r
+    }
+
+    fn commit_unaccounted(&mut self) -> Result<CommitInfo> {
         self.store.check_writable()?;
         let r = self.try_commit();
         if r.is_err() {
@@ -1601,6 +1648,17 @@ impl ImageHandle {
     /// stored blocks (a clone, not a copy). Grows the image to cover them.
     /// Hold the stage gate until commit so GC keeps the shared blocks.
     pub fn put_blocks(&mut self, first: u64, sources: Vec<BlockSource>, size_at_least: u64) -> Result<()> {
+        let r = self.put_blocks_unaccounted(first, sources, size_at_least);
+        self.account_memory();
+        r
+    }
+
+    fn put_blocks_unaccounted(
+        &mut self,
+        first: u64,
+        sources: Vec<BlockSource>,
+        size_at_least: u64,
+    ) -> Result<()> {
         self.ensure_lease()?;
         self.check_quota(first..first + sources.len() as u64)?;
         if self.guard.is_none() {
@@ -1644,6 +1702,7 @@ impl ImageHandle {
     /// Drop uncommitted changes.
     pub fn discard(&mut self) {
         self.reset();
+        self.account_memory();
     }
 
     /// Whether the image's committed head moved since this handle was based
@@ -2054,6 +2113,61 @@ mod tests {
         let mut got = vec![0u8; 4096];
         s.open_image("a").unwrap().read(0, &mut got).unwrap();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_read_cache_grows_into_the_unused_dirty_limit_and_gives_it_back() {
+        let packs = CountingPacks::default();
+        let (_d, s) = store_on(packs.clone());
+        let bs = 4096usize;
+        s.set_read_cache(4 * bs);
+        s.lend_to_read_cache(8 * bs);
+        assert_eq!(s.read_cache_capacity(), 12, "nothing dirty: all of the loan");
+        s.create_image("a", 12 * 4096).unwrap();
+        s.create_image("b", 12 * 4096).unwrap();
+        let mut a = s.open_image("a").unwrap();
+        for b in 0..12u64 {
+            a.write(b * 4096, &noise(b, bs)).unwrap();
+        }
+        assert_eq!(
+            s.read_cache_capacity(),
+            4,
+            "12 dirty blocks: the loan is taken back"
+        );
+        a.commit().unwrap();
+        assert_eq!(s.read_cache_capacity(), 12, "committed: lent again");
+        let reads = || packs.1.load(Ordering::SeqCst);
+        let read_all = |h: &ImageHandle| {
+            for b in 0..12u64 {
+                let mut got = vec![0u8; bs];
+                h.read(b * 4096, &mut got).unwrap();
+                assert_eq!(got, noise(b, bs), "block {b}");
+            }
+        };
+        read_all(&a);
+        let warm = reads();
+        read_all(&a);
+        assert_eq!(reads(), warm, "12 blocks fit in a cache of 12");
+
+        // Another image's dirty blocks shrink the cache at once (evicting),
+        // and dropping them gives the room back.
+        let mut b = s.open_image("b").unwrap();
+        b.write(0, &noise(100, 6 * bs)).unwrap();
+        assert_eq!(s.read_cache_capacity(), 6);
+        read_all(&a);
+        assert!(reads() >= warm + 6, "a cache of 6 kept 12 blocks");
+        drop(b);
+        assert_eq!(s.read_cache_capacity(), 12, "a dropped handle holds nothing");
+        read_all(&a);
+        let warm = reads();
+        read_all(&a);
+        assert_eq!(reads(), warm);
+
+        // Without a loan, the cache keeps its own size whatever is dirty.
+        s.lend_to_read_cache(0);
+        assert_eq!(s.read_cache_capacity(), 4);
+        a.write(0, &noise(7, 12 * bs)).unwrap();
+        assert_eq!(s.read_cache_capacity(), 4);
     }
 
     #[test]

@@ -36,6 +36,27 @@ fn cache_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::new((bytes / block_size.max(1) as usize).max(1)).unwrap()
 }
 
+/// The read cache's bound: its own bytes, plus the part of `lent` (at most
+/// the mount's dirty limit) that open images' dirty blocks do not hold
+/// (`held`). The cache and the dirty blocks together stay within `own`
+/// plus the dirty limit either way, and random reads of a working set larger than `own` get the dirty
+/// set's share while nothing is being written.
+#[derive(Debug)]
+struct CacheBudget {
+    own: usize,
+    lent: usize,
+    held: usize,
+}
+
+impl CacheBudget {
+    fn bytes(&self) -> usize {
+        if self.own == 0 {
+            return 0; // disabled
+        }
+        self.own + self.lent.saturating_sub(self.held)
+    }
+}
+
 /// A pack is closed and a new one started once it reaches this size.
 pub const PACK_TARGET_SIZE: u64 = 64 << 20;
 
@@ -314,6 +335,8 @@ pub(crate) struct Inner {
     poisoned: Mutex<HashSet<PackId>>,
     /// Recently read blocks, verified and decompressed (bounded by bytes).
     cache: Mutex<lru::LruCache<BlockHash, Arc<[u8]>>>,
+    /// What bounds `cache` (lock order: this, then `cache`).
+    cache_budget: Mutex<CacheBudget>,
     gate: Mutex<GateState>,
     gate_cv: Condvar,
 }
@@ -354,8 +377,9 @@ fn page_span(from: u64, to: u64) -> (u64, u64) {
 }
 
 /// `f` on a page-aligned buffer of `len` bytes (a multiple of
-/// [`SPAN_ALIGN`]), kept per thread: as large as the largest span read so
-/// far, at least [`SPAN_MAX`] and a page each side.
+/// [`SPAN_ALIGN`]), kept per thread: one record's worth for a thread that
+/// reads single records (merge threads live for one seal job: each zeroed
+/// 2 MiB it never used), else [`SPAN_MAX`] and a page each side.
 fn with_span_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     thread_local! {
         static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -364,12 +388,24 @@ fn with_span_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
         let mut buf = buf.borrow_mut();
         let align = SPAN_ALIGN as usize;
         if buf.len() < len + align {
-            *buf = vec![0u8; (len + align).max((SPAN_MAX + 3 * SPAN_ALIGN) as usize)];
+            let one_record = len + align <= SMALL_SPAN_BUF;
+            *buf = vec![
+                0u8;
+                if one_record {
+                    SMALL_SPAN_BUF
+                } else {
+                    (len + align).max((SPAN_MAX + 3 * SPAN_ALIGN) as usize)
+                }
+            ];
         }
         let at = buf.as_ptr().align_offset(align);
         f(&mut buf[at..at + len])
     })
 }
+
+/// A thread's span buffer while it reads no more than a 64 KiB block's
+/// record at a time.
+const SMALL_SPAN_BUF: usize = 128 << 10;
 
 /// Where a block's record is.
 const LOOKUP_SQL: &str = "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1";
@@ -579,6 +615,11 @@ impl Store {
                 sync_lock: Mutex::new(()),
                 poisoned: Mutex::new(HashSet::new()),
                 cache: Mutex::new(lru::LruCache::new(cache_entries(DEFAULT_READ_CACHE, block_size))),
+                cache_budget: Mutex::new(CacheBudget {
+                    own: DEFAULT_READ_CACHE,
+                    lent: 0,
+                    held: 0,
+                }),
                 gate: Mutex::new(GateState::default()),
                 gate_cv: Condvar::new(),
             }),
@@ -1199,11 +1240,46 @@ impl Store {
 
     /// Bound the read cache (bytes of decompressed blocks; 0 disables it).
     pub fn set_read_cache(&self, bytes: usize) {
+        let mut b = self.inner.cache_budget.lock().unwrap();
+        b.own = bytes;
+        self.fit_cache(&b);
+    }
+
+    /// Let the read cache also use up to `bytes` that open images' dirty
+    /// blocks do not hold (the mount passes its dirty limit: memory then
+    /// stays within the read cache plus the dirty limit, as without it).
+    pub fn lend_to_read_cache(&self, bytes: usize) {
+        let mut b = self.inner.cache_budget.lock().unwrap();
+        b.lent = bytes;
+        self.fit_cache(&b);
+    }
+
+    /// An image handle now holds `now` bytes of blocks in memory instead of
+    /// `was`: the read cache gives up (or gets back) what is lent to it.
+    pub(crate) fn hold_memory(&self, was: usize, now: usize) {
+        let mut b = self.inner.cache_budget.lock().unwrap();
+        b.held = (b.held + now).saturating_sub(was);
+        if b.lent > 0 {
+            self.fit_cache(&b);
+        }
+    }
+
+    fn fit_cache(&self, b: &CacheBudget) {
+        let bytes = b.bytes();
+        let entries = cache_entries(bytes, self.inner.config.block_size);
         let mut c = self.inner.cache.lock().unwrap();
-        c.resize(cache_entries(bytes, self.inner.config.block_size));
+        if c.cap() != entries {
+            c.resize(entries); // evicts the least recently used past it
+        }
         if bytes == 0 {
             c.clear();
         }
+    }
+
+    /// Blocks the read cache may hold now (tests).
+    #[cfg(test)]
+    pub(crate) fn read_cache_capacity(&self) -> usize {
+        self.inner.cache.lock().unwrap().cap().get()
     }
 
     /// Whether the read cache holds a block (tests).
