@@ -189,40 +189,54 @@ impl Merge {
 /// Old blocks being read ahead for partial writes, at most.
 const PREFETCH_MAX: usize = 256;
 
-/// Threads reading old block contents ahead of partial writes. They wait
-/// on the disk, not the CPU, and sleep when idle: a rayon pool's idle
-/// threads spin on `sched_yield`, which on a 2-core machine took a third of
-/// the CPU under random writes.
-const PREFETCH_THREADS: usize = 8;
+/// Threads reading old block contents: ahead of partial writes, and for
+/// seal jobs merging them. They wait on the disk, not the CPU, and sleep
+/// when idle: a rayon pool's idle threads spin on `sched_yield`, which on a
+/// 2-core machine took a third of the CPU under random writes.
+const DISK_THREADS: usize = 8;
 
-/// A read for the prefetch threads.
-type Prefetch = Box<dyn FnOnce() + Send>;
+/// What a caught panic said.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
 
-/// Queue of the prefetch threads (started on first use).
-fn prefetch_queue() -> &'static std::sync::mpsc::Sender<Prefetch> {
-    static Q: std::sync::OnceLock<std::sync::mpsc::Sender<Prefetch>> = std::sync::OnceLock::new();
+/// A task for the disk threads.
+type DiskTask = Box<dyn FnOnce() + Send>;
+
+/// Queue of the disk threads (started on first use). A task that panics
+/// drops what it captured (a merge's result sender: its seal job fails) and
+/// the thread goes on.
+fn disk_pool() -> &'static std::sync::mpsc::Sender<DiskTask> {
+    static Q: std::sync::OnceLock<std::sync::mpsc::Sender<DiskTask>> = std::sync::OnceLock::new();
     Q.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Prefetch>();
+        let (tx, rx) = std::sync::mpsc::channel::<DiskTask>();
         let rx = Arc::new(Mutex::new(rx));
-        for i in 0..PREFETCH_THREADS {
+        for i in 0..DISK_THREADS {
             let rx = rx.clone();
             std::thread::Builder::new()
-                .name(format!("geosync-prefetch-{i}"))
+                .name(format!("geosync-disk-{i}"))
                 .spawn(move || loop {
-                    let job = rx.lock().unwrap().recv();
-                    match job {
-                        Ok(job) => job(),
+                    let task = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match task {
+                        Ok(task) => {
+                            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)) {
+                                tracing::error!(panic = %panic_message(&*p), "a disk task panicked");
+                            }
+                        }
                         Err(_) => return,
                     }
                 })
-                .expect("starting a prefetch thread");
+                .expect("starting a disk thread");
         }
         tx
     })
 }
 
-/// Threads merging one seal job's partial blocks (reading their old
-/// contents), at most.
+/// Threads merging, at most, the (rare) partial blocks a handle merges
+/// itself when it takes a seal job: those over a merge still running.
 const MERGE_THREADS: usize = 8;
 
 /// Where a block's content comes from, for copying ranges by sharing.
@@ -400,11 +414,7 @@ impl SealJob {
         }))
         .unwrap_or_else(|p| {
             self.store.unpin_packs(std::mem::take(&mut pinned));
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let msg = panic_message(&*p);
             tracing::error!(panic = %msg, "a seal job panicked");
             Err(Error::Internal(format!("a seal job panicked: {msg}")))
         });
@@ -422,22 +432,52 @@ impl Drop for SealJob {
     }
 }
 
-/// Merge partial blocks with their old contents (read on up to
-/// [`MERGE_THREADS`] threads: the reads wait on the disk).
+/// Merge partial blocks with their old contents, read on the disk threads
+/// (one task per block: no thread is started for it, and a block whose
+/// prefetch is queued ahead of it finds it done).
 fn merge_blocks(
     store: &Store,
-    known: &Mutex<HashMap<BlockHash, BlockLoc>>,
+    known: &Arc<Mutex<HashMap<BlockHash, BlockLoc>>>,
     image: &str,
     mut blocks: Vec<(u64, u64, Dirty)>,
 ) -> Result<Vec<(u64, u64, Dirty)>> {
-    let todo: Vec<usize> = (0..blocks.len())
-        .filter(|&i| matches!(blocks[i].2, Dirty::Merge(_)))
+    let todo: Vec<(usize, Arc<Merge>)> = blocks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, _, d))| match d {
+            Dirty::Merge(m) => Some((i, m.clone())),
+            _ => None,
+        })
         .collect();
-    let merged = parallel_map(&todo, MERGE_THREADS, |&i| match &blocks[i].2 {
-        Dirty::Merge(m) => m.contents(store, known, image, blocks[i].0),
-        _ => unreachable!(),
-    });
-    for (i, m) in todo.into_iter().zip(merged) {
+    if todo.len() <= 1 {
+        // One read: no hand-off.
+        for (i, m) in todo {
+            blocks[i].2 = Dirty::Data(m.contents(store, known, image, blocks[i].0)?.into());
+        }
+        return Ok(blocks);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let n = todo.len();
+    for (i, m) in todo {
+        let (store, known, image, tx, block) = (
+            store.clone(),
+            known.clone(),
+            image.to_string(),
+            tx.clone(),
+            blocks[i].0,
+        );
+        let task: DiskTask = Box::new(move || {
+            let _ = tx.send((i, m.contents(&store, &known, &image, block)));
+        });
+        if let Err(std::sync::mpsc::SendError(task)) = disk_pool().send(task) {
+            task(); // no disk threads (cannot happen once started): here
+        }
+    }
+    drop(tx);
+    for _ in 0..n {
+        let (i, m) = rx
+            .recv()
+            .map_err(|_| Error::Internal(format!("merging a block of {image} panicked")))?;
         blocks[i].2 = Dirty::Data(m?.into());
     }
     Ok(blocks)
@@ -485,7 +525,7 @@ fn parallel_map<I: Sync, T: Send>(items: &[I], threads: usize, f: impl Fn(&I) ->
 /// does not lose them), and handed to the output.
 fn seal_blocks(
     store: &Store,
-    known: &Mutex<HashMap<BlockHash, BlockLoc>>,
+    known: &Arc<Mutex<HashMap<BlockHash, BlockLoc>>>,
     image: &str,
     blocks: Vec<(u64, u64, Dirty)>,
     pinned: &mut Vec<PackId>,
@@ -782,7 +822,7 @@ impl ImageHandle {
                     let _ = store.read_block_via(&h, Via::Direct); // an error shows when the block is merged
                     QUEUED.fetch_sub(1, Ordering::Relaxed);
                 });
-                if prefetch_queue().send(job).is_err() {
+                if disk_pool().send(job).is_err() {
                     QUEUED.fetch_sub(1, Ordering::Relaxed);
                 }
             } else {
@@ -1948,6 +1988,8 @@ mod tests {
     struct Rendezvous {
         armed: std::sync::atomic::AtomicBool,
         panic: std::sync::atomic::AtomicBool,
+        /// Reads panic (a bug in the read path).
+        panic_reads: std::sync::atomic::AtomicBool,
         /// (in progress, most at once)
         state: Mutex<(usize, usize)>,
         cv: Condvar,
@@ -1986,6 +2028,9 @@ mod tests {
             self.0.len(id)
         }
         fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            if self.2.panic_reads.load(Ordering::SeqCst) {
+                panic!("injected panic in a read");
+            }
             self.1.fetch_add(1, Ordering::SeqCst);
             self.0.read_at(id, offset, buf)
         }
@@ -2071,6 +2116,42 @@ mod tests {
         s.open_image("a").unwrap().read(0, &mut b).unwrap();
         assert_eq!(b, vec![9; 2 * 4096]);
         assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+        assert_eq!(s.pins(), 0, "a pack pin leaked");
+    }
+
+    #[test]
+    fn a_merge_that_panics_fails_the_commit_and_the_disk_threads_go_on() {
+        let packs = CountingPacks::default();
+        let (_d, s) = store_on(packs.clone());
+        let n = 16u64;
+        s.create_image("a", n * 4096).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        let old = noise(1, n as usize * 4096);
+        h.write(0, &old).unwrap();
+        h.commit().unwrap();
+        // A sector into every block: each prefetch of the old contents and
+        // each merge reading them panics (more tasks than disk threads).
+        packs.2.panic_reads.store(true, Ordering::SeqCst);
+        for b in 0..n {
+            h.write(b * 4096, &[7; 512]).unwrap();
+        }
+        let e = h.commit().unwrap_err();
+        packs.2.panic_reads.store(false, Ordering::SeqCst);
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(e.to_string().contains("merging a block of a panicked"), "{e}");
+        let mut got = vec![0; old.len()];
+        h.read(0, &mut got).unwrap();
+        assert_eq!(got, old, "the failed commit changed the image");
+        // The disk threads survived: the same merges now run on them.
+        let mut want = old.clone();
+        for b in 0..n {
+            h.write(b * 4096, &[7; 512]).unwrap();
+            want[b as usize * 4096..][..512].fill(7);
+        }
+        h.commit().unwrap();
+        drop(h);
+        s.open_image("a").unwrap().read(0, &mut got).unwrap();
+        assert_eq!(got, want);
         assert_eq!(s.pins(), 0, "a pack pin leaked");
     }
 

@@ -378,8 +378,8 @@ fn page_span(from: u64, to: u64) -> (u64, u64) {
 
 /// `f` on a page-aligned buffer of `len` bytes (a multiple of
 /// [`SPAN_ALIGN`]), kept per thread: one record's worth for a thread that
-/// reads single records (merge threads live for one seal job: each zeroed
-/// 2 MiB it never used), else [`SPAN_MAX`] and a page each side.
+/// reads single records (the disk threads merging partial blocks: each
+/// zeroed 2 MiB it never used), else [`SPAN_MAX`] and a page each side.
 fn with_span_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     thread_local! {
         static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
