@@ -630,3 +630,47 @@ fn checkpoints_bound_the_wal_under_steady_commits() {
     assert!(wal_len < 110 << 20, "the WAL grew to {wal_len} bytes");
     assert_eq!(read_all(&s, "vm"), want);
 }
+
+#[test]
+fn a_store_made_with_the_live_row_index_loses_it_on_a_read_write_open() {
+    let (d, s) = new_store();
+    s.create_image("vm", 16 * BS).unwrap();
+    s.create_snapshot("vm", "empty").unwrap();
+    write_commit(&s, "vm", 0, &noise(1, 8 * BS as usize));
+    s.create_snapshot("vm", "first").unwrap();
+    write_commit(&s, "vm", 4 * BS, &noise(2, 8 * BS as usize));
+    let want = read_all(&s, "vm");
+    drop(s);
+    let db = d.path().join("meta.db");
+    let indexes = || -> Vec<String> {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let mut st = c
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'map' ORDER BY name")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    assert_eq!(indexes(), ["map_born", "map_died"]);
+    // As stores made before it was dropped have it.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("CREATE INDEX map_live ON map(image, block) WHERE died IS NULL")
+        .unwrap();
+    let ro = Store::open(d.path(), OpenMode::ReadOnly).unwrap();
+    assert_eq!(read_all(&ro, "vm"), want);
+    drop(ro);
+    assert_eq!(
+        indexes(),
+        ["map_born", "map_died", "map_live"],
+        "a read-only open changed the schema"
+    );
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    assert_eq!(indexes(), ["map_born", "map_died"]);
+    assert_eq!(read_all(&s, "vm"), want);
+    let h = s.open_image("vm").unwrap();
+    assert_eq!(h.data_extents().unwrap(), vec![(0, 12 * BS)]);
+    assert_eq!(s.diff("vm", "empty", "first").unwrap().changed, vec![0..8]);
+    assert_eq!(s.diff("vm", "first", "head").unwrap().changed, vec![4..12]);
+}

