@@ -506,6 +506,35 @@ fn decompress_into(payload: &[u8], out: &mut [u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Decode a payload and verify it against `expected`, and give `f` the
+/// block's bytes: a raw payload is hashed and handed over where it lies (no
+/// copy), a compressed one is decoded into `scratch` first.
+pub fn open_with<T>(
+    payload: &[u8],
+    codec: Codec,
+    raw_len: u32,
+    expected: &BlockHash,
+    scratch: &mut Vec<u8>,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Result<T, String> {
+    let raw = match codec {
+        Codec::Raw => payload,
+        Codec::Zstd => {
+            scratch.resize(raw_len as usize, 0);
+            decompress_into(payload, scratch)?;
+            &scratch[..]
+        }
+    };
+    if raw.len() != raw_len as usize {
+        return Err(format!("payload is {} bytes, expected {raw_len}", raw.len()));
+    }
+    let actual = hash_block(raw);
+    if &actual != expected {
+        return Err(format!("content hashes to {actual}"));
+    }
+    Ok(f(raw))
+}
+
 /// Decode a payload and verify it against `expected`. `Err` says what failed.
 pub fn open(payload: &[u8], codec: Codec, raw_len: u32, expected: &BlockHash) -> Result<Vec<u8>, String> {
     let raw = match codec {

@@ -410,10 +410,10 @@ const SMALL_SPAN_BUF: usize = 128 << 10;
 /// Where a block's record is.
 const LOOKUP_SQL: &str = "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE hash = ?1";
 
-/// Longest run of records [`Store::fetch_blocks`] reads at once.
+/// Longest run of records [`Store::read_blocks_into`] reads at once.
 const SPAN_MAX: u64 = 2 << 20;
 
-/// Bytes between two records [`Store::fetch_blocks`] reads through (a
+/// Bytes between two records [`Store::read_blocks_into`] reads through (a
 /// batch's padding to the next page, a record it does not need).
 const SPAN_GAP: u64 = 64 << 10;
 
@@ -1059,45 +1059,50 @@ impl Store {
         open_record(hash, loc, &buf)
     }
 
-    /// Bring into the read cache those of `hashes` it lacks, reading each
-    /// run of their records that lie together in a pack (a sequential
-    /// writer's blocks do) with one read past the page cache: a sequential
-    /// reader's 1 MiB request is one read instead of 16, and the data is not
-    /// copied through freshly allocated page-cache pages, which under `fio`
-    /// took half the mount's CPU. Best effort: a block that cannot be read
-    /// here is left to [`Store::read_block_shared`], which reports it.
-    pub fn fetch_blocks(&self, hashes: &[BlockHash]) {
-        let mut missing: Vec<BlockHash> = {
+    /// Read the blocks `wanted` names that the read cache lacks straight
+    /// into `out`, with one aligned read past the page cache per run of
+    /// their records lying together in a pack (a sequential writer's blocks
+    /// do): a sequential reader's 1 MiB request is one read instead of 16,
+    /// and each block is copied once, from the pack buffer into `out`,
+    /// instead of into the cache and then out of it (a stream's blocks are
+    /// not read again). An entry `(hash, within, at, n)` asks for bytes
+    /// `within..within + n` of the block at `out[at..at + n]`. Returns which
+    /// entries were filled; the rest (cached, not indexed, damaged, or the
+    /// read failed) are the caller's to read one by one, which reports any
+    /// damage.
+    pub(crate) fn read_blocks_into(
+        &self,
+        wanted: &[(BlockHash, usize, usize, usize)],
+        out: &mut [u8],
+    ) -> Vec<bool> {
+        let mut filled = vec![false; wanted.len()];
+        let todo: Vec<usize> = {
             let c = self.inner.cache.lock().unwrap();
-            if c.cap().get() < hashes.len() {
-                return; // they would push each other out before being read
-            }
-            hashes.iter().filter(|h| !c.contains(*h)).copied().collect()
+            (0..wanted.len()).filter(|&i| !c.contains(&wanted[i].0)).collect()
         };
-        missing.sort_unstable();
-        missing.dedup();
-        if missing.len() < 2 {
-            return;
+        if todo.len() < 2 {
+            return filled;
         }
-        let mut found: Vec<(BlockHash, BlockLoc)> = Vec::with_capacity(missing.len());
+        let mut found: Vec<(usize, BlockLoc)> = Vec::with_capacity(todo.len());
         {
             let db = self.db();
             let Ok(mut st) = db.prepare_cached(LOOKUP_SQL) else {
-                return;
+                return filled;
             };
-            for h in missing {
-                match st.query_row([&h.0[..]], loc_from_row).optional() {
-                    Ok(Some(loc)) => found.push((h, loc)),
+            for i in todo {
+                match st.query_row([&wanted[i].0 .0[..]], loc_from_row).optional() {
+                    Ok(Some(loc)) => found.push((i, loc)),
                     Ok(None) => {} // not indexed (yet, or any more): read alone
                     Err(e) => {
-                        debug!(error = %e, "read-ahead lookup failed; blocks are read one by one");
-                        return;
+                        debug!(error = %e, "long read's lookup failed; blocks are read one by one");
+                        return filled;
                     }
                 }
             }
         }
         found.sort_by_key(|(_, l)| (l.pack, l.offset));
         let mut rest = &found[..];
+        let mut scratch = Vec::new();
         while let Some((_, first)) = rest.first() {
             let mut end = first.end();
             // The first record always (it may be longer than a span alone).
@@ -1109,41 +1114,59 @@ impl Store {
                 end = end.max(l.end());
                 n += 1;
             }
-            if n >= 2 {
-                self.fetch_span(&rest[..n]);
-            }
+            self.read_span_into(&rest[..n], wanted, out, &mut filled, &mut scratch);
             rest = &rest[n..];
         }
+        filled
     }
 
     /// Read records lying together in one pack with one aligned read, and
-    /// cache those that verify.
-    fn fetch_span(&self, records: &[(BlockHash, BlockLoc)]) {
+    /// copy those that verify into `out` (see [`Store::read_blocks_into`]).
+    fn read_span_into(
+        &self,
+        records: &[(usize, BlockLoc)],
+        wanted: &[(BlockHash, usize, usize, usize)],
+        out: &mut [u8],
+        filled: &mut [bool],
+        scratch: &mut Vec<u8>,
+    ) {
         let pack = records[0].1.pack;
         let first = records[0].1.offset;
         let (start, end) = page_span(first, records.iter().map(|(_, l)| l.end()).max().unwrap_or(first));
-        let opened: Vec<(BlockHash, Arc<[u8]>)> = with_span_buf((end - start) as usize, |span| {
+        with_span_buf((end - start) as usize, |span| {
             let got = match self.inner.packs.read_direct(pack, start, span) {
                 Ok(n) => n,
                 Err(e) => {
-                    debug!(pack, offset = start, error = %e, "read-ahead failed; blocks are read one by one");
+                    debug!(pack, offset = start, error = %e, "long read's span failed; blocks are read one by one");
                     0
                 }
             };
-            records
-                .iter()
-                .filter_map(|(h, l)| {
-                    let from = (l.offset - start) as usize;
-                    let to = (l.end() - start) as usize;
-                    let data = (to <= got).then(|| open_record(h, l, &span[from..to]).ok())??;
-                    Some((*h, data))
-                })
-                .collect()
+            for (i, l) in records {
+                let (hash, within, at, n) = wanted[*i];
+                let (from, to) = ((l.offset - start) as usize, (l.end() - start) as usize);
+                if to > got {
+                    continue;
+                }
+                let record = &span[from..to];
+                let Ok(header) = check_record_header(&hash, l, &record[..RECORD_HEADER_LEN]) else {
+                    continue;
+                };
+                let dest = &mut out[at..at + n];
+                let copied = pack::open_with(
+                    &record[RECORD_HEADER_LEN..],
+                    header.codec,
+                    header.raw_len,
+                    &hash,
+                    scratch,
+                    |data| {
+                        let avail = data.len().saturating_sub(within).min(n);
+                        dest[..avail].copy_from_slice(&data[within..within + avail]);
+                        dest[avail..].fill(0);
+                    },
+                );
+                filled[*i] = copied.is_ok();
+            }
         });
-        let mut c = self.inner.cache.lock().unwrap();
-        for (h, data) in opened {
-            c.put(h, data);
-        }
     }
 
     /// Take WAL checkpoints off the commit path, for a long-running process
