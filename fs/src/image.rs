@@ -318,7 +318,6 @@ pub struct ImageHandle {
 
 impl Drop for ImageHandle {
     fn drop(&mut self) {
-        self.store.hold_memory(self.held, 0);
         // Jobs in flight hold pins on the packs they wrote: wait, then drop them.
         for (_, r) in self.jobs.wait_all() {
             if let Ok(out) = r {
@@ -326,6 +325,7 @@ impl Drop for ImageHandle {
             }
         }
         self.store.unpin_packs(std::mem::take(&mut self.touched));
+        self.store.hold_memory(self.held, 0); // (the jobs' blocks are gone too)
     }
 }
 
