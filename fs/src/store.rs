@@ -39,8 +39,8 @@ fn cache_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
 /// The read cache's bound: its own bytes, plus the part of `lent` (at most
 /// the mount's dirty limit) that open images' dirty blocks do not hold
 /// (`held`). The cache and the dirty blocks together stay within `own`
-/// plus the dirty limit either way, and random reads of a working set larger than `own` get the dirty
-/// set's share while nothing is being written.
+/// plus the dirty limit either way, and random reads of a working set
+/// larger than `own` get the dirty set's share while nothing is written.
 #[derive(Debug)]
 struct CacheBudget {
     own: usize,
