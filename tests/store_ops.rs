@@ -674,3 +674,35 @@ fn a_store_made_with_the_live_row_index_loses_it_on_a_read_write_open() {
     assert_eq!(s.diff("vm", "empty", "first").unwrap().changed, vec![0..8]);
     assert_eq!(s.diff("vm", "first", "head").unwrap().changed, vec![4..12]);
 }
+
+/// A store whose `gc.intent` cannot be opened (here: a directory in its
+/// place) still opens, writes and reads; a GC refuses with an error naming
+/// the file, and changes nothing.
+#[test]
+fn an_unopenable_gc_intent_fails_gc_clearly_and_nothing_else() {
+    let (d, s) = new_store();
+    s.create_image("vm", 8 * BS).unwrap();
+    write_commit(&s, "vm", 0, &noise(1, 8 * BS as usize));
+    write_commit(&s, "vm", 0, &noise(2, 4 * BS as usize)); // garbage for GC
+    drop(s);
+    let intent = d.path().join("gc.intent");
+    std::fs::remove_file(&intent).unwrap();
+    std::fs::create_dir(&intent).unwrap();
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    write_commit(&s, "vm", 4 * BS, &noise(3, 2 * BS as usize));
+    let want = read_all(&s, "vm");
+    let e = s.gc(false).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+    assert!(e.to_string().contains("gc.intent"), "{e}");
+    assert_eq!(read_all(&s, "vm"), want);
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+    // The writer's gate was left open: writing goes on.
+    write_commit(&s, "vm", 0, &noise(4, BS as usize));
+    // Put right, GC runs.
+    drop(s);
+    std::fs::remove_dir(&intent).unwrap();
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    let before = read_all(&s, "vm");
+    s.gc(false).unwrap();
+    assert_eq!(read_all(&s, "vm"), before);
+}
