@@ -1174,6 +1174,7 @@ impl ImageHandle {
             self.dirty_bytes -= self.bs as usize;
         }
         self.dirty_bytes += add;
+        self.account_memory();
         Ok(())
     }
 
@@ -1182,9 +1183,10 @@ impl ImageHandle {
         self.dirty_bytes + self.sealing_bytes
     }
 
-    /// Tell the store what this handle now holds in memory (called by every
-    /// public method that changes it: the read cache shrinks as the dirty
-    /// set grows, and grows back as it is committed).
+    /// Tell the store what this handle now holds in memory, where that
+    /// changes (a block made dirty, taken by a job, applied, dropped): the
+    /// read cache shrinks as the dirty set grows, and grows back as it is
+    /// sealed and committed.
     fn account_memory(&mut self) {
         let now = self.dirty_bytes + self.sealing_bytes;
         if now != self.held {
@@ -1200,12 +1202,6 @@ impl ImageHandle {
 
     /// Write `data` at `offset`, growing the image if it ends past the end.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let r = self.write_unaccounted(offset, data);
-        self.account_memory();
-        r
-    }
-
-    fn write_unaccounted(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.ensure_lease()?;
         let end = offset
             .checked_add(data.len() as u64)
@@ -1281,12 +1277,6 @@ impl ImageHandle {
     /// range: both read back as zeros, and whole blocks become holes). Does
     /// not change the size. Costs O(data blocks in the range).
     pub fn punch(&mut self, offset: u64, len: u64) -> Result<()> {
-        let r = self.punch_unaccounted(offset, len);
-        self.account_memory();
-        r
-    }
-
-    fn punch_unaccounted(&mut self, offset: u64, len: u64) -> Result<()> {
         self.ensure_lease()?;
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
@@ -1330,12 +1320,6 @@ impl ImageHandle {
     /// Set the size: grow adds holes; shrink drops everything past the new
     /// end (the tail of a partial last block reads as zeros).
     pub fn set_size(&mut self, new: u64) -> Result<()> {
-        let r = self.set_size_unaccounted(new);
-        self.account_memory();
-        r
-    }
-
-    fn set_size_unaccounted(&mut self, new: u64) -> Result<()> {
         self.ensure_lease()?;
         if new >= self.size {
             self.size = new;
@@ -1353,6 +1337,7 @@ impl ImageHandle {
                 self.sealing_bytes -= self.bs as usize;
             }
         }
+        self.account_memory();
         self.staged.split_off(&nb);
         self.trunc_from = Some(self.trunc_from.map_or(nb, |t| t.min(nb)));
         *self.alloc.lock().unwrap() = None; // recounted when next asked
@@ -1384,6 +1369,7 @@ impl ImageHandle {
         self.size = self.row.size;
         self.guard = None;
         *self.alloc.lock().unwrap() = None;
+        self.account_memory();
     }
 
     /// Take up to `max_blocks` dirty blocks (lowest first) into a job.
@@ -1447,6 +1433,7 @@ impl ImageHandle {
             }
             blocks.push((k, gen, d));
         }
+        self.account_memory();
         self.jobs.start();
         Ok(SealJob {
             store: self.store.clone(),
@@ -1474,12 +1461,6 @@ impl ImageHandle {
     /// writer goes on, so an `fsync` finds little left to seal. (A block
     /// written again after that is sealed again: CPU spent off the path.)
     pub fn seal_job_when(&mut self, min_bytes: usize, eager: bool) -> Result<Option<SealJob>> {
-        let r = self.seal_job_when_unaccounted(min_bytes, eager);
-        self.account_memory();
-        r
-    }
-
-    fn seal_job_when_unaccounted(&mut self, min_bytes: usize, eager: bool) -> Result<Option<SealJob>> {
         self.check_writable()?;
         self.apply_jobs(self.jobs.take())?;
         let idle = eager && self.jobs.running() == 0;
@@ -1513,6 +1494,7 @@ impl ImageHandle {
                 Err(_) => {} // taken before a reset: already dropped
             }
         }
+        self.account_memory(); // (what applied outputs stopped holding)
         match err {
             Some(e) => {
                 self.reset();
@@ -1589,12 +1571,6 @@ impl ImageHandle {
     /// error the uncommitted changes are dropped and the image stays at its
     /// last committed version.
     pub fn commit(&mut self) -> Result<CommitInfo> {
-        let r = self.commit_unaccounted();
-        self.account_memory();
-        r
-    }
-
-    fn commit_unaccounted(&mut self) -> Result<CommitInfo> {
         self.store.check_writable()?;
         let r = self.try_commit();
         if r.is_err() {
@@ -1710,17 +1686,6 @@ impl ImageHandle {
     /// stored blocks (a clone, not a copy). Grows the image to cover them.
     /// Hold the stage gate until commit so GC keeps the shared blocks.
     pub fn put_blocks(&mut self, first: u64, sources: Vec<BlockSource>, size_at_least: u64) -> Result<()> {
-        let r = self.put_blocks_unaccounted(first, sources, size_at_least);
-        self.account_memory();
-        r
-    }
-
-    fn put_blocks_unaccounted(
-        &mut self,
-        first: u64,
-        sources: Vec<BlockSource>,
-        size_at_least: u64,
-    ) -> Result<()> {
         self.ensure_lease()?;
         self.check_quota(first..first + sources.len() as u64)?;
         if self.guard.is_none() {
@@ -1764,7 +1729,6 @@ impl ImageHandle {
     /// Drop uncommitted changes.
     pub fn discard(&mut self) {
         self.reset();
-        self.account_memory();
     }
 
     /// Whether the image's committed head moved since this handle was based

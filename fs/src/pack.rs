@@ -458,7 +458,7 @@ fn seal_inner(
 }
 
 /// [`open`] into shared bytes: a raw payload is verified where it lies and
-/// copied once.
+/// copied once, a compressed one decoded straight into the shared buffer.
 pub fn open_shared(
     payload: &[u8],
     codec: Codec,
@@ -467,26 +467,28 @@ pub fn open_shared(
 ) -> Result<Arc<[u8]>, String> {
     match codec {
         Codec::Raw => {
-            if payload.len() != raw_len as usize {
-                return Err(format!("payload is {} bytes, expected {raw_len}", payload.len()));
-            }
-            let actual = hash_block(payload);
-            if &actual != expected {
-                return Err(format!("content hashes to {actual}"));
-            }
+            verify(payload, raw_len, expected)?;
             Ok(payload.into())
         }
         Codec::Zstd => {
-            // Decoded straight into the shared buffer (no copy afterwards).
             let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, raw_len as usize).collect();
             decompress_into(payload, Arc::get_mut(&mut out).expect("a new Arc is unique"))?;
-            let actual = hash_block(&out);
-            if &actual != expected {
-                return Err(format!("content hashes to {actual}"));
-            }
+            verify(&out, raw_len, expected)?;
             Ok(out)
         }
     }
+}
+
+/// Check a block's decoded bytes against its record's length and name.
+fn verify(raw: &[u8], raw_len: u32, expected: &BlockHash) -> Result<(), String> {
+    if raw.len() != raw_len as usize {
+        return Err(format!("payload is {} bytes, expected {raw_len}", raw.len()));
+    }
+    let actual = hash_block(raw);
+    if &actual != expected {
+        return Err(format!("content hashes to {actual}"));
+    }
+    Ok(())
 }
 
 /// Decode a zstd payload into exactly `out.len()` bytes.
@@ -525,34 +527,17 @@ pub fn open_with<T>(
             &scratch[..]
         }
     };
-    if raw.len() != raw_len as usize {
-        return Err(format!("payload is {} bytes, expected {raw_len}", raw.len()));
-    }
-    let actual = hash_block(raw);
-    if &actual != expected {
-        return Err(format!("content hashes to {actual}"));
-    }
+    verify(raw, raw_len, expected)?;
     Ok(f(raw))
 }
 
 /// Decode a payload and verify it against `expected`. `Err` says what failed.
 pub fn open(payload: &[u8], codec: Codec, raw_len: u32, expected: &BlockHash) -> Result<Vec<u8>, String> {
-    let raw = match codec {
-        Codec::Raw => payload.to_vec(),
-        Codec::Zstd => {
-            let mut out = vec![0u8; raw_len as usize];
-            decompress_into(payload, &mut out)?;
-            out
-        }
-    };
-    if raw.len() != raw_len as usize {
-        return Err(format!("payload is {} bytes, expected {raw_len}", raw.len()));
-    }
-    let actual = hash_block(&raw);
-    if &actual != expected {
-        return Err(format!("content hashes to {actual}"));
-    }
-    Ok(raw)
+    let mut scratch = Vec::new();
+    let raw = open_with(payload, codec, raw_len, expected, &mut scratch, |raw| {
+        (codec == Codec::Raw).then(|| raw.to_vec())
+    })?;
+    Ok(raw.unwrap_or(scratch))
 }
 
 /// True when every byte is zero (vectorizes well).
