@@ -481,6 +481,8 @@ struct CheckpointState {
     last_frames: u64,
     /// Calls left before a restart is tried again after a reader foiled one.
     skip_restarts: u32,
+    /// Restarts foiled in a row.
+    foiled: u32,
     /// Failed calls in a row.
     failures: u32,
 }
@@ -1186,9 +1188,11 @@ impl Store {
     /// checkpoint waits for no reader or writer, but under steady commits it
     /// never catches up, and the WAL restarts from its start only once all of
     /// it is copied: past [`WAL_RESTART_FRAMES`], and if commits came since
-    /// the last call, a restarting checkpoint holds writers off for the last
-    /// pages (at most [`CHECKPOINT_BUSY_WAIT`] for readers; if a reader keeps
-    /// it from finishing, the next 10 calls do not try). After
+    /// the last call, a restarting checkpoint holds this process's writers
+    /// and readers off (the store's connection) for the last pages. It
+    /// waits at most [`CHECKPOINT_BUSY_WAIT`] for a reader in another
+    /// process; if one keeps it from finishing, the next 10 calls do not
+    /// try, and it is logged. After
     /// [`CHECKPOINT_FAILURES_MAX`] failures in a row SQLite's own
     /// checkpoints are turned back on, so the WAL stays bounded. Failures are
     /// logged: the first of a run, then every 240th (once a minute at
@@ -1246,10 +1250,26 @@ impl Store {
             if st.skip_restarts > 0 {
                 st.skip_restarts -= 1;
             } else {
+                // Holding the store's connection keeps this process's
+                // writers (and its readers) out for the last pages: with
+                // only the busy wait, commits that follow each other without
+                // pause could foil every restart, and the WAL grew without
+                // bound. Only a reader in another process can foil it now.
+                let db = self.db();
                 let (busy, frames, copied) = run("RESTART")?;
+                drop(db);
                 if busy {
                     st.skip_restarts = 10;
+                    st.foiled += 1;
+                    if st.foiled == 1 || st.foiled.is_multiple_of(24) {
+                        warn!(
+                            frames,
+                            foiled = st.foiled,
+                            "a reader in another process keeps the metadata WAL from restarting; it grows until that reader ends"
+                        );
+                    }
                 } else {
+                    st.foiled = 0;
                     c = Checkpoint {
                         frames,
                         copied,
