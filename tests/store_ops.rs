@@ -691,6 +691,36 @@ fn a_restart_foiled_by_another_reader_happens_once_it_ends() {
     assert_eq!(read_all(&s, "vm"), want);
 }
 
+/// When the checkpoint's own connection keeps failing (here: it cannot
+/// open the database, moved aside), SQLite's own checkpoints come back after
+/// `CHECKPOINT_FAILURES_MAX` failures, so the WAL stays bounded; commits
+/// never stop, and checkpoints work again once the cause is gone.
+#[test]
+fn checkpoints_that_keep_failing_give_the_wal_back_to_sqlite() {
+    let (d, s, wal) = deferred_store();
+    let db = d.path().join("meta.db");
+    let away = d.path().join("meta.db.away");
+    std::fs::rename(&db, &away).unwrap();
+    for i in 1..=geosync_fs::store::CHECKPOINT_FAILURES_MAX {
+        let e = s.checkpoint().unwrap_err();
+        assert!(matches!(e, Error::Sqlite(_)), "call {i}: {e}");
+    }
+    let mut want = vec![0u8; 4096 * BS as usize];
+    commit_scattered(&s, 0..100, &mut want);
+    // Deferred, these commits grow the WAL past 16 MiB (see
+    // deferred_checkpoints_copy_the_wal_back_and_restart_it); SQLite's own
+    // checkpoints keep it near 1000 pages.
+    let wal_len = std::fs::metadata(&wal).unwrap().len();
+    assert!(wal_len < 8 << 20, "the WAL grew to {wal_len} bytes");
+    std::fs::rename(&away, &db).unwrap();
+    let c = s.checkpoint().unwrap();
+    assert_eq!(c.copied, c.frames, "{c:?}");
+    assert_eq!(read_all(&s, "vm"), want);
+    drop(s);
+    let s = Store::open(d.path(), OpenMode::ReadOnly).unwrap();
+    assert_eq!(read_all(&s, "vm"), want);
+}
+
 #[test]
 fn a_store_made_with_the_live_row_index_loses_it_on_a_read_write_open() {
     let (d, s) = new_store();
