@@ -199,9 +199,7 @@ fn truncated_pack_is_reported_not_silently_served() {
         .unwrap();
 
     let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
-    let e = read_block(&s, "b", 3)
-        .err()
-        .expect("reading a truncated record must fail");
+    let e = read_block(&s, "b", 3).expect_err("reading a truncated record must fail");
     assert!(e.to_string().contains("truncated"), "{e}");
     assert!(e.to_string().contains("image \"b\" block 3"), "{e}");
     // As one request: the read-ahead's span ends short of the cut record,

@@ -669,14 +669,18 @@ fn a_restart_foiled_by_another_reader_happens_once_it_ends() {
     commit_scattered(&s, 0..100, &mut want);
     let reader = rusqlite::Connection::open(d.path().join("meta.db")).unwrap();
     reader.execute_batch("BEGIN").unwrap();
-    let rows: i64 = reader.query_row("SELECT count(*) FROM map", [], |r| r.get(0)).unwrap();
+    let rows: i64 = reader
+        .query_row("SELECT count(*) FROM map", [], |r| r.get(0))
+        .unwrap();
     assert!(rows > 0);
     let c = s.checkpoint().unwrap();
     assert!(c.frames > geosync_fs::store::WAL_RESTART_FRAMES, "{c:?}");
     assert!(!c.restarted, "restarted under a reader: {c:?}");
     // Commits go on meanwhile, and the reader still sees its snapshot.
     commit_scattered(&s, 100..105, &mut want);
-    let again: i64 = reader.query_row("SELECT count(*) FROM map", [], |r| r.get(0)).unwrap();
+    let again: i64 = reader
+        .query_row("SELECT count(*) FROM map", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(again, rows);
     reader.execute_batch("COMMIT").unwrap();
     // Once it ends, a checkpoint copies all of the WAL, and the next commit

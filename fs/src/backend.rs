@@ -491,7 +491,7 @@ impl<S: PackStorage> FaultPacks<S> {
 }
 
 fn eio(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::Other, format!("injected fault: {what}"))
+    io::Error::other(format!("injected fault: {what}"))
 }
 
 impl<S: PackStorage> PackStorage for FaultPacks<S> {

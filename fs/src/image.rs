@@ -136,7 +136,7 @@ impl Partial {
 
 /// Whether a write of `len` bytes at `within` a block is sector-aligned.
 fn sector_aligned(within: usize, len: usize) -> bool {
-    within % SECTOR == 0 && len % SECTOR == 0
+    within.is_multiple_of(SECTOR) && len.is_multiple_of(SECTOR)
 }
 
 /// Whether an uncommitted block holds a block's worth of memory.
@@ -368,6 +368,10 @@ impl JobState {
     }
 }
 
+/// A sealed block: its number, the generation it was taken at, and its
+/// name (`None`: a hole).
+type Named = (u64, u64, Option<BlockHash>);
+
 /// A job's result, with the handle's epoch when it was taken.
 type JobResult = (u64, Result<SealOutput>);
 
@@ -376,7 +380,7 @@ type JobResult = (u64, Result<SealOutput>);
 /// pinned (the handle takes the pins over, or releases them).
 #[derive(Debug)]
 struct SealOutput {
-    blocks: Vec<(u64, u64, Option<BlockHash>)>,
+    blocks: Vec<Named>,
     appended: Vec<(BlockHash, BlockLoc)>,
     pinned: Vec<PackId>,
 }
@@ -540,7 +544,7 @@ fn seal_blocks(
     let blocks = &blocks[..];
     let compress = matches!(store.config().compression, pack::Compression::Zstd(_));
     // Hash, and judge compressibility while the block is in the CPU cache.
-    let (named, worth): (Vec<(u64, u64, Option<BlockHash>)>, Vec<bool>) = blocks
+    let (named, worth): (Vec<Named>, Vec<bool>) = blocks
         .par_iter()
         .map(|(block, gen, d)| {
             let (h, worth) = match d {
@@ -1300,10 +1304,10 @@ impl ImageHandle {
             edge(self, offset / self.bs)?;
             return Ok(());
         }
-        if offset % self.bs != 0 {
+        if !offset.is_multiple_of(self.bs) {
             edge(self, offset / self.bs)?;
         }
-        if end % self.bs != 0 && end_full >= first_full {
+        if !end.is_multiple_of(self.bs) && end_full >= first_full {
             edge(self, end_full)?;
         }
         let mut b = first_full;
@@ -1341,7 +1345,7 @@ impl ImageHandle {
         self.staged.split_off(&nb);
         self.trunc_from = Some(self.trunc_from.map_or(nb, |t| t.min(nb)));
         *self.alloc.lock().unwrap() = None; // recounted when next asked
-        if new % self.bs != 0 {
+        if !new.is_multiple_of(self.bs) {
             let last = new / self.bs;
             if self.is_data(last)? {
                 let mut b = self.block_contents(last)?;

@@ -247,6 +247,11 @@ impl Sealed {
         self.record.len() + self.shared.as_ref().map_or(0, |s| s.len())
     }
 
+    /// Never: a record has at least its header.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The payload.
     pub fn payload(&self) -> &[u8] {
         match &self.shared {

@@ -7,6 +7,7 @@
 //!   one short transaction under it.
 //! - `writer`: the active pack; held while a batch of records is appended.
 //! - `gate`: the stage gate (see the crate docs, invariant 4).
+//!
 //! Lock order: `gate` → `writer` → `db`. Pack reads take no store lock.
 
 pub mod maint;
@@ -1880,7 +1881,7 @@ impl Store {
         };
         let mut delta: i64 = 0;
         {
-            index_records(&tx, c.new_blocks.iter().map(|(h, l)| (h, l)))?;
+            index_records(&tx, c.new_blocks.iter())?;
             if let Some(t) = c.trunc_from {
                 delta -= tx.execute(
                     "UPDATE map SET died = ?3 WHERE image = ?1 AND died IS NULL AND block >= ?2",

@@ -6,6 +6,7 @@
 //!   `unlink` removes one, `rename` renames (replacing the target).
 //! - `/.snapshots/<image>/<snapshot>`: read-only images; `unlink` deletes
 //!   the snapshot.
+//!
 //! Names outside `[A-Za-z0-9][A-Za-z0-9._-]{0,127}` are refused with EINVAL.
 //!
 //! Open files: every open of an image shares one [`ImageHandle`] (so all
@@ -179,6 +180,13 @@ impl Nodes {
     }
 }
 
+/// Writes dropped by background work: how many times, and the last
+/// (image, cause, errno).
+type LostWrites = (u64, Option<(String, String, i32)>);
+
+/// Makes a directory's node from an entry's name.
+type NodeOf = Box<dyn Fn(String) -> Node>;
+
 struct OpenImage {
     handle: RwLock<ImageHandle>,
     opens: AtomicU64,
@@ -189,7 +197,7 @@ struct OpenImage {
     /// far, and the last one (image, cause, errno). Like the kernel's
     /// `errseq`, every file handle open when one happens gets it once from
     /// its next `fsync`/`flush`, so durability is never claimed for them.
-    lost: Mutex<(u64, Option<(String, String, i32)>)>,
+    lost: Mutex<LostWrites>,
 }
 
 /// The mounted filesystem, independent of FUSE.
@@ -324,7 +332,7 @@ impl Vfs {
 
     /// Entries of a directory (without `.` and `..`).
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
-        let (entries, mk): (Vec<(String, Kind)>, Box<dyn Fn(String) -> Node>) = match self.node(ino)? {
+        let (entries, mk): (Vec<(String, Kind)>, NodeOf) = match self.node(ino)? {
             Node::Root => {
                 let mut v = vec![(SNAP_DIR.to_string(), Kind::Dir)];
                 v.extend(self.store.image_names()?.into_iter().map(|n| (n, Kind::File)));

@@ -349,7 +349,7 @@ impl Driver {
         let store = self.shared.store.clone();
         self.ticks += 1;
         // Leases of running pulls, every 10 s (a write transaction each).
-        let renew_due = self.ticks % 40 == 0;
+        let renew_due = self.ticks.is_multiple_of(40);
         for image in self.leases.iter().filter(|_| renew_due) {
             let r = tokio::task::block_in_place(|| {
                 store.try_transfer_lease(image, &self.holder, LEASE_MS, &|_| false)

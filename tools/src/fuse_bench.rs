@@ -254,8 +254,8 @@ pub fn run(args: FuseBenchArgs) -> Result<()> {
         format_size(args.size)
     );
     println!(
-        "{:<26} {:>12} {:>12} {:>8}   {}",
-        "job", "plain", "geosync", "ratio", "range (plain; geosync)"
+        "{:<26} {:>12} {:>12} {:>8}   range (plain; geosync)",
+        "job", "plain", "geosync", "ratio"
     );
     let mut csv = String::from("job,plain,geosync,ratio,plain_runs,geosync_runs\n");
     for (j, (p, g)) in jobs.iter().zip(&figures) {

@@ -173,22 +173,14 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         store_dir.display(),
         args.mountpoint.display()
     );
-    loop {
-        match rx.recv() {
-            Ok("signal") => {
-                info!("signal received: committing and unmounting");
-                if let Err(e) = vfs.commit_all() {
-                    error!(error = %e, "commit before unmount failed");
-                }
-                match unmount(&args.mountpoint) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        warn!(error = %e, "cannot unmount yet; still serving");
-                        eprintln!("geosync: {e:#}; still serving (signal again after detaching)");
-                    }
-                }
-            }
-            _ => break,
+    while let Ok("signal") = rx.recv() {
+        info!("signal received: committing and unmounting");
+        if let Err(e) = vfs.commit_all() {
+            error!(error = %e, "commit before unmount failed");
+        }
+        if let Err(e) = unmount(&args.mountpoint) {
+            warn!(error = %e, "cannot unmount yet; still serving");
+            eprintln!("geosync: {e:#}; still serving (signal again after detaching)");
         }
     }
     vfs.shutdown();

@@ -454,19 +454,16 @@ impl Store {
                 match pack::open(payload, hdr.codec, hdr.raw_len, &hdr.hash) {
                     Ok(_) => {
                         report.records_ok += 1;
-                        if found.contains_key(&hdr.hash) {
-                            report.duplicates += 1;
+                        if let std::collections::hash_map::Entry::Vacant(e) = found.entry(hdr.hash) {
+                            e.insert(BlockLoc {
+                                pack: id,
+                                offset: off as u64,
+                                stored_len: hdr.stored_len,
+                                raw_len: hdr.raw_len,
+                                codec: hdr.codec,
+                            });
                         } else {
-                            found.insert(
-                                hdr.hash,
-                                BlockLoc {
-                                    pack: id,
-                                    offset: off as u64,
-                                    stored_len: hdr.stored_len,
-                                    raw_len: hdr.raw_len,
-                                    codec: hdr.codec,
-                                },
-                            );
+                            report.duplicates += 1;
                         }
                     }
                     Err(what) => report.records_damaged.push((id, off as u64, what)),
