@@ -7,8 +7,10 @@
 //!   one short transaction under it.
 //! - `writer`: the active pack; held while a batch of records is appended.
 //! - `gate`: the stage gate (see the crate docs, invariant 4).
+//! - `checkpointer`: the WAL checkpoint's own connection and state.
 //!
-//! Lock order: `gate` → `writer` → `db`. Pack reads take no store lock.
+//! Lock order: `gate` → `writer` → `db`, and `checkpointer` → `db` (the
+//! WAL's restart holds the connection). Pack reads take no store lock.
 
 pub mod maint;
 pub mod replica;
