@@ -1044,12 +1044,15 @@ impl Store {
                 .read_at(loc.pack, loc.offset, &mut head)
                 .map_err(read_err)?;
             check_record_header(hash, loc, &head)?;
-            let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, loc.raw_len as usize).collect();
+            let mut data = Arc::<[u8]>::new_uninit_slice(loc.raw_len as usize);
             let buf = Arc::get_mut(&mut data).expect("a new Arc is unique");
             self.inner
                 .packs
-                .read_at(loc.pack, loc.offset + RECORD_HEADER_LEN as u64, buf)
+                .read_at_uninit(loc.pack, loc.offset + RECORD_HEADER_LEN as u64, buf)
                 .map_err(read_err)?;
+            // SAFETY: read_at_uninit returned Ok: it wrote every byte.
+            #[allow(unsafe_code)]
+            let data = unsafe { data.assume_init() };
             let actual = pack::hash_block(&data);
             if actual != *hash {
                 return Err(record_integrity(hash, loc, format!("content hashes to {actual}")));
