@@ -21,7 +21,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -47,16 +46,12 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
     fn len(&self, id: PackId) -> io::Result<u64>;
     /// Read exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
     fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// [`PackStorage::read_at`] into memory not initialized yet (a new
-    /// cache buffer, which zeroing first cost ~8 % of the mount's CPU under
-    /// random reads). On `Ok` every byte of `buf` was written.
-    #[allow(unsafe_code)]
-    fn read_at_uninit(&self, id: PackId, offset: u64, buf: &mut [MaybeUninit<u8>]) -> io::Result<()> {
-        buf.fill(MaybeUninit::new(0));
-        // SAFETY: every element was just initialized, and `MaybeUninit<u8>`
-        // has the layout of `u8`.
-        let buf = unsafe { &mut *(buf as *mut [MaybeUninit<u8>] as *mut [u8]) };
-        self.read_at(id, offset, buf)
+    /// `len` bytes at `offset` in a new shared buffer (what the read cache
+    /// keeps), read straight into it.
+    fn read_at_new(&self, id: PackId, offset: u64, len: usize) -> io::Result<Arc<[u8]>> {
+        let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        self.read_at(id, offset, Arc::get_mut(&mut data).expect("a new Arc is unique"))?;
+        Ok(data)
     }
     /// Read up to `buf.len()` bytes at `offset` past the page cache where the
     /// storage can (`O_DIRECT`, when `offset` and `buf`'s address and length
@@ -255,17 +250,22 @@ impl PackStorage for DiskPacks {
         self.file(id)?.read_exact_at(buf, offset)
     }
 
+    /// Without zeroing the buffer first (that was ~8 % of the mount's CPU
+    /// under random reads): `pread(2)` into uninitialized memory, assumed
+    /// initialized only once every byte is in.
     #[allow(unsafe_code)]
-    fn read_at_uninit(&self, id: PackId, offset: u64, buf: &mut [MaybeUninit<u8>]) -> io::Result<()> {
+    fn read_at_new(&self, id: PackId, offset: u64, len: usize) -> io::Result<Arc<[u8]>> {
         use std::os::fd::AsRawFd;
         let f = self.file(id)?;
+        let mut data = Arc::<[u8]>::new_uninit_slice(len);
+        let buf = Arc::get_mut(&mut data).expect("a new Arc is unique");
         let mut done = 0;
-        while done < buf.len() {
+        while done < len {
             let rest = &mut buf[done..];
             let at = libc::off_t::try_from(offset + done as u64)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
             // SAFETY: pread(2) writes at most `rest.len()` bytes into `rest`,
-            // memory this call borrows mutably; nothing reads it unwritten.
+            // memory borrowed mutably here; nothing reads it unwritten.
             let n = unsafe { libc::pread(f.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
             match n {
                 n if n < 0 => {
@@ -283,7 +283,8 @@ impl PackStorage for DiskPacks {
                 n => done += n as usize,
             }
         }
-        Ok(())
+        // SAFETY: the loop above wrote all `len` bytes.
+        Ok(unsafe { data.assume_init() })
     }
 
     fn read_direct(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
@@ -605,13 +606,6 @@ impl<S: PackStorage> PackStorage for FaultPacks<S> {
 mod tests {
     use super::*;
 
-    /// The byte of a `MaybeUninit` this test initialized itself.
-    #[allow(unsafe_code)]
-    fn init_byte(b: MaybeUninit<u8>) -> u8 {
-        // SAFETY: the test's buffers start initialized (0xAA).
-        unsafe { b.assume_init() }
-    }
-
     fn exercise(s: &dyn PackStorage) {
         s.create(1).unwrap();
         assert!(s.create(1).is_err());
@@ -626,16 +620,14 @@ mod tests {
             s.read_at(1, 8, &mut buf).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
-        // Into memory not initialized yet: all of it, or UnexpectedEof.
-        let mut raw = [MaybeUninit::new(0xAAu8); 5];
-        s.read_at_uninit(1, 6, &mut raw).unwrap();
-        assert_eq!(raw.map(init_byte), *b"world");
+        // Into a new buffer: all of it, or UnexpectedEof / NotFound.
+        assert_eq!(&s.read_at_new(1, 6, 5).unwrap()[..], b"world");
         assert_eq!(
-            s.read_at_uninit(1, 8, &mut raw).unwrap_err().kind(),
+            s.read_at_new(1, 8, 5).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
         assert_eq!(
-            s.read_at_uninit(99, 0, &mut raw).unwrap_err().kind(),
+            s.read_at_new(99, 0, 5).unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
         // Direct reads, unaligned (buffered) and aligned (O_DIRECT on disk), short at the end.

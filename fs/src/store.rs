@@ -1044,15 +1044,15 @@ impl Store {
                 .read_at(loc.pack, loc.offset, &mut head)
                 .map_err(read_err)?;
             check_record_header(hash, loc, &head)?;
-            let mut data = Arc::<[u8]>::new_uninit_slice(loc.raw_len as usize);
-            let buf = Arc::get_mut(&mut data).expect("a new Arc is unique");
-            self.inner
+            let data = self
+                .inner
                 .packs
-                .read_at_uninit(loc.pack, loc.offset + RECORD_HEADER_LEN as u64, buf)
+                .read_at_new(
+                    loc.pack,
+                    loc.offset + RECORD_HEADER_LEN as u64,
+                    loc.raw_len as usize,
+                )
                 .map_err(read_err)?;
-            // SAFETY: read_at_uninit returned Ok: it wrote every byte.
-            #[allow(unsafe_code)]
-            let data = unsafe { data.assume_init() };
             let actual = pack::hash_block(&data);
             if actual != *hash {
                 return Err(record_integrity(hash, loc, format!("content hashes to {actual}")));
