@@ -630,6 +630,8 @@ mod tests {
             s.read_at_new(99, 0, 5).unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
+        // An offset no file reaches (past off_t on disk): an error, no panic.
+        assert!(s.read_at_new(1, u64::MAX - 2, 1).is_err());
         // Direct reads, unaligned (buffered) and aligned (O_DIRECT on disk), short at the end.
         let mut buf = [0u8; 8];
         assert_eq!(s.read_direct(1, 6, &mut buf).unwrap(), 5);

@@ -236,6 +236,7 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+#[allow(clippy::len_without_is_empty)] // a record always holds its header
 impl Sealed {
     /// The record's bytes, in order.
     pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
@@ -245,11 +246,6 @@ impl Sealed {
     /// Length of the record.
     pub fn len(&self) -> usize {
         self.record.len() + self.shared.as_ref().map_or(0, |s| s.len())
-    }
-
-    /// Never: a record has at least its header.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The payload.
