@@ -376,3 +376,79 @@ fn gc_in_another_process_gets_in_while_images_are_busy() {
     assert!(matches!(r, Ok(Ok(()))), "the GC did not get in: {r:?}");
     assert!(v.store().scrub(&|_| {}).unwrap().damaged.is_empty());
 }
+
+/// Writes past the dirty limit from several threads: the blocks in memory
+/// stay within it (writers wait for seal jobs to free them), sealed blocks
+/// are committed as new versions while writing goes on (no fsync asked),
+/// every write reads back at once, and after the fsync a fresh store holds
+/// everything.
+#[test]
+fn writes_past_the_dirty_limit_wait_for_sealing_and_flush_versions_meanwhile() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const LIMIT: usize = 16 * BS as usize;
+    const PER_WRITE: u64 = 4; // blocks
+    const WRITERS: u64 = 2;
+    const BLOCKS: u64 = 1024; // per writer
+    let (d, s) = geosync_suite::kit::disk_store(BS as u32);
+    let v = Arc::new(Vfs::new(
+        s,
+        VfsConfig {
+            dirty_limit: LIMIT,
+            seal_at: 4 * BS as usize,
+            commit_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
+    ));
+    let (a, fh) = v.create(ROOT_INO, "img").unwrap();
+    v.set_size(a.ino, WRITERS * BLOCKS * BS).unwrap();
+    v.fsync(fh).unwrap();
+    let v0 = v.store().image_info("img").unwrap().version;
+    let (done, peak) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let sampler = {
+        let (v, done, peak) = (v.clone(), done.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                peak.fetch_max(v.store().memory_held(), Ordering::SeqCst);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let v = v.clone();
+            std::thread::spawn(move || {
+                for i in (0..BLOCKS).step_by(PER_WRITE as usize) {
+                    let off = (w * BLOCKS + i) * BS;
+                    let data = noise(off, (PER_WRITE * BS) as usize);
+                    v.write(fh, off, &data).unwrap();
+                    assert!(v.read(fh, off, data.len() as u32).unwrap() == data, "at {off}");
+                }
+            })
+        })
+        .collect();
+    for t in writers {
+        t.join().unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::SeqCst);
+    // Each writer may add its write before it waits.
+    let bound = LIMIT + (WRITERS * PER_WRITE * BS) as usize;
+    assert!(peak <= bound, "{peak} bytes of blocks in memory, limit {LIMIT}");
+    let mid = v.store().image_info("img").unwrap().version;
+    assert!(mid > v0 + 1, "no version flushed while writing: {v0} -> {mid}");
+    v.fsync(fh).unwrap();
+    v.release(fh).unwrap();
+    drop(v);
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    let h = s.open_image("img").unwrap();
+    for w in 0..WRITERS {
+        for i in (0..BLOCKS).step_by(PER_WRITE as usize) {
+            let off = (w * BLOCKS + i) * BS;
+            let mut got = vec![0; (PER_WRITE * BS) as usize];
+            h.read(off, &mut got).unwrap();
+            assert!(got == noise(off, got.len()), "at {off} after reopening");
+        }
+    }
+}

@@ -47,7 +47,7 @@ use std::fmt;
 
 pub use error::{Error, Result};
 pub use geosync_proto::{Hlc, NodeId, Stamp};
-pub use image::{ImageHandle, SealJob};
+pub use image::{Flush, FlushTicket, ImageHandle, JobWaiter, SealJob};
 pub use pack::Compression;
 pub use store::{InitOptions, OpenMode, Store};
 

@@ -1303,6 +1303,12 @@ impl Store {
         self.fit_cache(&b);
     }
 
+    /// Bytes of blocks the open image handles hold in memory (dirty, or being
+    /// sealed): at most the dirty limit per image under a mount.
+    pub fn memory_held(&self) -> usize {
+        self.inner.cache_budget.lock().unwrap().held
+    }
+
     /// An image handle now holds `now` bytes of blocks in memory instead of
     /// `was`: the read cache gives up (or gets back) what is lent to it.
     pub(crate) fn hold_memory(&self, was: usize, now: usize) {
@@ -2061,6 +2067,7 @@ pub(crate) struct CommitRequest<'a> {
 }
 
 /// What [`Store::apply_commit`] made.
+#[derive(Debug)]
 pub(crate) struct Committed {
     pub version: u64,
     pub stamp: Stamp,

@@ -17,10 +17,16 @@
 //! so the next open sees any change made behind the mount (a rollback, a
 //! replica update).
 //!
-//! Commits: on `fsync` and `flush` (every `close`), when the dirty set
-//! reaches `dirty_limit`, and from [`Vfs::commit_due`] for images with
-//! changes older than `commit_interval`. `fsync` returns only when the data
-//! is durable. A failed commit drops the image's uncommitted writes; every
+//! Commits: on `fsync` and `flush` (every `close`), and from
+//! [`Vfs::commit_due`] for images with changes older than `commit_interval`
+//! (each a full commit: everything written is sealed, then durable). While
+//! writes go on, once `dirty_limit` of sealed blocks wait, the write that
+//! sees it commits them as a new version (a [`crate::Flush`]) without
+//! holding the image, so other writes go on meanwhile. A write that finds
+//! `dirty_limit` of blocks in memory (dirty or being sealed) waits for seal
+//! jobs to free some (backpressure, instead of a commit that stopped every
+//! writer until the whole backlog was sealed). `fsync` returns only when
+//! the data is durable. A failed commit drops the image's uncommitted writes; every
 //! file handle open then gets [`Error::WritesLost`] once from its next
 //! `fsync`/`flush` (the kernel's `errseq` rule for writeback errors), so
 //! acknowledged writes are never silently missing from a version an
@@ -47,7 +53,9 @@ pub const SNAP_DIR: &str = ".snapshots";
 /// Mount settings.
 #[derive(Clone, Debug)]
 pub struct VfsConfig {
-    /// Dirty bytes per open image before a commit is forced.
+    /// Bytes of blocks an open image holds in memory (dirty or being sealed)
+    /// before writes wait for sealing; and of sealed blocks before they are
+    /// committed (flushed) while writing goes on.
     pub dirty_limit: usize,
     /// Changes older than this are committed by [`Vfs::commit_due`].
     pub commit_interval: Duration,
@@ -555,36 +563,51 @@ impl Vfs {
         h.read(offset, buf)
     }
 
-    fn mark_dirty(&self, o: &OpenImage, h: &ImageHandle) -> Result<bool> {
+    fn mark_dirty(&self, o: &OpenImage) {
         let mut since = o.dirty_since.lock().unwrap();
         if since.is_none() {
             *since = Some(Instant::now());
         }
-        Ok(h.pending_bytes() >= self.cfg.dirty_limit)
     }
 
     /// Write `data` at `offset`. Once enough dirty blocks wait, a batch of
     /// them is sealed (hash, compress, append) on the sealing pool while
-    /// requests go on writing.
+    /// requests go on writing. Once `dirty_limit` of sealed blocks wait,
+    /// this request commits them as a new version (a [`crate::Flush`]) while the
+    /// others go on. When the blocks in memory (dirty or being sealed) fill
+    /// `dirty_limit`, this request waits for seal jobs to free them.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (_, o) = self.file(fh)?;
-        let (full, job) = {
+        let limit = self.cfg.dirty_limit;
+        let (commit, job, flush) = {
             let mut h = o.handle.write().unwrap();
             h.write(offset, data)?;
-            let full = self.mark_dirty(&o, &h)?;
+            self.mark_dirty(&o);
             // This write is done. A failure now is background work's (an
-            // earlier job, reading old contents to merge): it dropped the
-            // uncommitted writes, this one included, and the next fsync says so.
-            let job = if full || self.gc_draining.load(Ordering::Relaxed) {
-                None
+            // earlier job, reading old contents to merge, a flush): it
+            // dropped the uncommitted writes, this one included, and the
+            // next fsync says so.
+            if self.gc_draining.load(Ordering::Relaxed) {
+                // A GC waits for the stage gate: no new jobs; commit (and
+                // leave the gate) rather than fill the dirty set.
+                (h.pending_bytes() >= limit, None, None)
             } else {
-                h.seal_job_when(self.cfg.seal_at, self.cfg.eager_seal)
+                let job = h
+                    .seal_job_when(self.cfg.seal_at, self.cfg.eager_seal)
                     .unwrap_or_else(|e| {
                         self.writes_lost(&o, h.name(), &e);
                         None
+                    });
+                let flush = if h.staged_bytes() >= limit {
+                    h.begin_flush().unwrap_or_else(|e| {
+                        self.writes_lost(&o, h.name(), &e);
+                        None
                     })
-            };
-            (full, job)
+                } else {
+                    None
+                };
+                (false, job, flush)
+            }
         };
         if let Some(job) = job {
             // On the sealing pool, so this write is answered now. Bounded: the
@@ -592,10 +615,43 @@ impl Vfs {
             // for it. Its error, if any, is met by the next write or commit.
             rayon::spawn(move || job.run());
         }
-        if full {
+        if let Some(flush) = flush {
+            let ticket = flush.run();
+            let mut h = o.handle.write().unwrap();
+            if let Err(e) = h.land_flush(&ticket) {
+                self.writes_lost(&o, h.name(), &e);
+            }
+        }
+        if commit {
             self.commit_open(&o)?;
+        } else {
+            self.wait_for_room(&o)?;
         }
         Ok(data.len() as u32)
+    }
+
+    /// Backpressure: while `o`'s blocks in memory (dirty or being sealed)
+    /// fill the dirty limit, wait for its seal jobs to finish and give their
+    /// blocks back. If none runs (none could be started), commit instead.
+    fn wait_for_room(&self, o: &OpenImage) -> Result<()> {
+        loop {
+            let waiter = {
+                let h = o.handle.read().unwrap();
+                if h.dirty_bytes() < self.cfg.dirty_limit {
+                    return Ok(());
+                }
+                h.job_waiter()
+            };
+            waiter.wait();
+            let mut h = o.handle.write().unwrap();
+            if let Err(e) = h.apply_finished() {
+                self.writes_lost(o, h.name(), &e); // (all dropped: room now)
+                return Ok(());
+            }
+            if h.dirty_bytes() >= self.cfg.dirty_limit && h.jobs_running() == 0 {
+                return self.commit_held(o, &mut h);
+            }
+        }
     }
 
     /// Make everything written through this image durable.
@@ -617,7 +673,7 @@ impl Vfs {
             Some(o) => {
                 let mut h = o.handle.write().unwrap();
                 h.set_size(size)?;
-                self.mark_dirty(&o, &h)?;
+                self.mark_dirty(&o);
             }
             None => {
                 let mut h = self.store.open_image(&name)?;
@@ -646,7 +702,7 @@ impl Vfs {
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > h.size() {
             h.set_size(end)?;
         }
-        self.mark_dirty(&o, &h)?;
+        self.mark_dirty(&o);
         Ok(())
     }
 
@@ -679,10 +735,8 @@ impl Vfs {
             let from = src.handle.read().unwrap();
             copy_blocks(Some(&from), &mut to, off_in, off_out, len)?
         };
-        let full = {
-            let h = dst.handle.read().unwrap();
-            self.mark_dirty(&dst, &h)?
-        };
+        self.mark_dirty(&dst);
+        let full = dst.handle.read().unwrap().pending_bytes() >= self.cfg.dirty_limit;
         if full {
             self.commit_open(&dst)?;
         }

@@ -23,7 +23,8 @@ pub struct MountArgs {
     /// Log file of --daemon (default: STORE/mount.log).
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Dirty bytes per open image before a commit is forced.
+    /// Bytes of blocks per open image in memory before writes wait for
+    /// sealing, and of sealed blocks before they are committed meanwhile.
     #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
     pub dirty_limit: u64,
     /// Commit changes older than this many seconds.

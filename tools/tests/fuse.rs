@@ -264,7 +264,7 @@ fn kill_9_of_the_daemon_keeps_every_fsynced_write() {
                 }
                 pending.push((slot, byte));
                 i += 1;
-                if i % 8 == 0 {
+                if i.is_multiple_of(8) {
                     if f.sync_all().is_err() {
                         return;
                     }
