@@ -19,19 +19,20 @@
 //!
 //! Commits: on `fsync` and `flush` (every `close`), and from
 //! [`Vfs::commit_due`] for images with changes older than `commit_interval`
-//! (each a full commit: everything written is sealed, then durable). While
-//! writes go on, once `dirty_limit` of sealed blocks wait, the write that
-//! sees it commits them as a new version (a [`crate::Flush`]) without
-//! holding the image, so other writes go on meanwhile. A write that finds
-//! `dirty_limit` of blocks in memory (dirty or being sealed) waits for seal
-//! jobs to free some (backpressure, instead of a commit that stopped every
-//! writer until the whole backlog was sealed). `fsync` returns only when
-//! the data is durable. A failed commit drops the image's uncommitted writes; every
+//! (each a full commit: everything written is sealed, then durable).
+//! `dirty_limit` bounds an image's uncommitted blocks, half in memory and
+//! half sealed: a write that finds half of it in memory (dirty or being
+//! sealed) waits for seal jobs to give some back (backpressure); the write
+//! that finds half of it sealed commits those as a new version (a
+//! [`crate::Flush`]) without holding the image, so other writes go on
+//! meanwhile. (A full dirty set used to force a full commit, which stopped
+//! every writer until the whole backlog was sealed.) `fsync` returns only
+//! when the data is durable. A failed commit drops the image's uncommitted writes; every
 //! file handle open then gets [`Error::WritesLost`] once from its next
 //! `fsync`/`flush` (the kernel's `errseq` rule for writeback errors), so
 //! acknowledged writes are never silently missing from a version an
-//! `fsync` called durable. Memory: at most `dirty_limit` of dirty blocks
-//! per open image, plus the store's read cache.
+//! `fsync` called durable. Memory: at most half the `dirty_limit` of blocks
+//! per open image (plus one write per FUSE thread), and the store's read cache.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,9 +54,9 @@ pub const SNAP_DIR: &str = ".snapshots";
 /// Mount settings.
 #[derive(Clone, Debug)]
 pub struct VfsConfig {
-    /// Bytes of blocks an open image holds in memory (dirty or being sealed)
-    /// before writes wait for sealing; and of sealed blocks before they are
-    /// committed (flushed) while writing goes on.
+    /// Uncommitted bytes of blocks per open image: half of it in memory
+    /// (dirty or being sealed) before writes wait for sealing, half sealed
+    /// before those are committed (flushed) while writing goes on.
     pub dirty_limit: usize,
     /// Changes older than this are committed by [`Vfs::commit_due`].
     pub commit_interval: Duration,
@@ -63,6 +64,13 @@ pub struct VfsConfig {
     pub seal_at: usize,
     /// Also start one for any dirty block while no job of that image runs.
     pub eager_seal: bool,
+}
+
+impl VfsConfig {
+    /// Bytes of blocks in memory, and of sealed ones, per open image.
+    fn half_limit(&self) -> usize {
+        (self.dirty_limit / 2).max(1)
+    }
 }
 
 impl Default for VfsConfig {
@@ -572,10 +580,10 @@ impl Vfs {
 
     /// Write `data` at `offset`. Once enough dirty blocks wait, a batch of
     /// them is sealed (hash, compress, append) on the sealing pool while
-    /// requests go on writing. Once `dirty_limit` of sealed blocks wait,
-    /// this request commits them as a new version (a [`crate::Flush`]) while the
-    /// others go on. When the blocks in memory (dirty or being sealed) fill
-    /// `dirty_limit`, this request waits for seal jobs to free them.
+    /// requests go on writing. Once half the dirty limit is sealed blocks,
+    /// this request commits them as a new version (a [`crate::Flush`]) while
+    /// the others go on. When blocks in memory (dirty or being sealed) fill
+    /// the other half, this request waits for seal jobs to free them.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (_, o) = self.file(fh)?;
         let limit = self.cfg.dirty_limit;
@@ -598,7 +606,7 @@ impl Vfs {
                         self.writes_lost(&o, h.name(), &e);
                         None
                     });
-                let flush = if h.staged_bytes() >= limit {
+                let flush = if h.staged_bytes() >= self.cfg.half_limit() {
                     h.begin_flush().unwrap_or_else(|e| {
                         self.writes_lost(&o, h.name(), &e);
                         None
@@ -611,7 +619,7 @@ impl Vfs {
         };
         if let Some(job) = job {
             // On the sealing pool, so this write is answered now. Bounded: the
-            // blocks it holds count toward `dirty_limit`, and a commit waits
+            // blocks it holds count toward the dirty limit, and a commit waits
             // for it. Its error, if any, is met by the next write or commit.
             rayon::spawn(move || job.run());
         }
@@ -631,13 +639,13 @@ impl Vfs {
     }
 
     /// Backpressure: while `o`'s blocks in memory (dirty or being sealed)
-    /// fill the dirty limit, wait for its seal jobs to finish and give their
+    /// fill half the dirty limit, wait for its seal jobs to finish and give their
     /// blocks back. If none runs (none could be started), commit instead.
     fn wait_for_room(&self, o: &OpenImage) -> Result<()> {
         loop {
             let waiter = {
                 let h = o.handle.read().unwrap();
-                if h.dirty_bytes() < self.cfg.dirty_limit {
+                if h.dirty_bytes() < self.cfg.half_limit() {
                     return Ok(());
                 }
                 h.job_waiter()
@@ -648,7 +656,7 @@ impl Vfs {
                 self.writes_lost(o, h.name(), &e); // (all dropped: room now)
                 return Ok(());
             }
-            if h.dirty_bytes() >= self.cfg.dirty_limit && h.jobs_running() == 0 {
+            if h.dirty_bytes() >= self.cfg.half_limit() && h.jobs_running() == 0 {
                 return self.commit_held(o, &mut h);
             }
         }

@@ -23,8 +23,8 @@ pub struct MountArgs {
     /// Log file of --daemon (default: STORE/mount.log).
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Bytes of blocks per open image in memory before writes wait for
-    /// sealing, and of sealed blocks before they are committed meanwhile.
+    /// Uncommitted bytes per open image: half in memory (then writes wait
+    /// for sealing), half sealed (then they are committed while writing goes on).
     #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
     pub dirty_limit: u64,
     /// Commit changes older than this many seconds.
