@@ -323,6 +323,8 @@ pub struct ImageHandle {
 #[derive(Debug)]
 struct Inflight {
     staged: Arc<BTreeMap<u64, Staged>>,
+    /// The image's size in the flushed version (grown by writes, or as committed).
+    size: u64,
     /// The records it indexes (dropped from `new_blocks` when it lands).
     indexed: Vec<BlockHash>,
     outcome: Arc<FlushOutcome>,
@@ -1751,7 +1753,8 @@ impl ImageHandle {
     /// as a new version without holding this handle, so writes go on while
     /// the records are synced and the metadata transaction runs. Until it
     /// lands they read as committed. `None` when nothing is sealed, a flush
-    /// is in flight already, or the size changed (a full commit takes that).
+    /// is in flight already, or the image was cut shorter (a full commit
+    /// takes that; growth by writes is flushed along).
     ///
     /// A version made so holds the writes whose blocks were sealed, not
     /// necessarily every write before them: as a disk's volatile cache may
@@ -1761,7 +1764,7 @@ impl ImageHandle {
         if self.inflight.is_some()
             || self.view.is_some()
             || self.trunc_from.is_some()
-            || self.size != self.row.size
+            || self.size < self.row.size
         {
             return Ok(None);
         }
@@ -1775,6 +1778,7 @@ impl ImageHandle {
         let outcome = Arc::new(FlushOutcome::default());
         self.inflight = Some(Inflight {
             staged: staged.clone(),
+            size: self.size,
             indexed: new_blocks.keys().copied().collect(),
             outcome: outcome.clone(),
         });
@@ -1783,7 +1787,7 @@ impl ImageHandle {
             image_id: self.row.id,
             name: self.row.name.clone(),
             base_version: self.row.version,
-            size: self.row.size,
+            size: self.size,
             staged,
             new_blocks,
             shared: self.shared.clone(),
@@ -1825,6 +1829,7 @@ impl ImageHandle {
         };
         self.row.version = c.version;
         self.row.stamp = c.stamp;
+        self.row.size = f.size;
         self.live = c.live.map(|n| (c.version, n));
         {
             let mut cache = self.map_cache.lock().unwrap();
@@ -2029,7 +2034,9 @@ impl ImageHandle {
     /// on it (another writer, a rollback).
     pub fn is_stale(&self) -> Result<bool> {
         let row = self.store.image_row(&self.row.name)?;
-        Ok(row.id != self.row.id || row.version != self.row.version)
+        // A flush in flight may have committed its version, not landed yet.
+        let flushed = self.inflight.is_some() && row.version == self.row.version + 1;
+        Ok(row.id != self.row.id || (row.version != self.row.version && !flushed))
     }
 }
 
@@ -2752,6 +2759,44 @@ mod tests {
         drop(h);
         check_model(&s.open_image("a").unwrap(), &model, bs);
         assert_eq!(s.pins(), 0, "a pack pin leaked");
+    }
+
+    /// Writes past the end grow the image; a flush commits the grown size
+    /// with its blocks (a cp of a new image into the mount is flushed as it
+    /// goes, not only at the end), and the handle's committed size follows.
+    #[test]
+    fn a_flush_carries_the_size_grown_by_writes() {
+        let (_d, s) = store();
+        let bs = s.block_size();
+        s.create_image("a", 2 * bs).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &noise(1, bs as usize)).unwrap();
+        h.write(5 * bs, &noise(2, bs as usize)).unwrap(); // grows to 6 blocks
+        h.seal_job(0).unwrap().unwrap().run();
+        let f = h.begin_flush().unwrap().expect("a grown image flushes");
+        h.write(7 * bs, &noise(3, 10)).unwrap(); // grows on meanwhile
+        assert!(!h.is_stale().unwrap());
+        let t = f.run();
+        assert!(!h.is_stale().unwrap(), "flushed, not landed: not stale");
+        assert_eq!(s.image_info("a").unwrap().size, 6 * bs);
+        h.land_flush(&t).unwrap();
+        assert!(!h.is_stale().unwrap());
+        assert_eq!(h.size(), 7 * bs + 10);
+        let mut b = vec![0; bs as usize];
+        let reader = s.open_image("a").unwrap();
+        assert_eq!(reader.size(), 6 * bs);
+        reader.read(5 * bs, &mut b).unwrap();
+        assert_eq!(b, noise(2, bs as usize));
+        drop(reader);
+        h.commit().unwrap();
+        assert_eq!(s.image_info("a").unwrap().size, 7 * bs + 10);
+        // Cut shorter: no flush, a full commit takes it.
+        h.set_size(bs).unwrap();
+        h.write(0, &noise(4, bs as usize)).unwrap();
+        h.seal_job(0).unwrap().unwrap().run();
+        assert!(h.begin_flush().unwrap().is_none());
+        h.commit().unwrap();
+        assert_eq!(s.image_info("a").unwrap().size, bs);
     }
 
     /// A commit (an fsync) while a flush runs elsewhere waits for it, and
