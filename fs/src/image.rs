@@ -259,6 +259,16 @@ pub(crate) enum Staged {
     Block(BlockHash),
 }
 
+impl Staged {
+    /// The block it makes (`None`: a hole).
+    fn hash(self) -> Option<BlockHash> {
+        match self {
+            Staged::Hole => None,
+            Staged::Block(h) => Some(h),
+        }
+    }
+}
+
 /// What a commit did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommitInfo {
@@ -889,10 +899,7 @@ impl ImageHandle {
 
     fn committed_hash(&self, block: u64) -> Result<Option<BlockHash>> {
         if let Some(st) = self.inflight.as_ref().and_then(|f| f.staged.get(&block)) {
-            return Ok(match st {
-                Staged::Hole => None,
-                Staged::Block(h) => Some(*h),
-            });
+            return Ok(st.hash());
         }
         if let Some(h) = self.map_cache.lock().unwrap().get(&block) {
             return Ok(*h);
@@ -928,10 +935,7 @@ impl ImageHandle {
     /// The block's effective content source, ignoring the dirty set.
     fn base_state(&self, block: u64) -> Result<Option<BlockHash>> {
         if let Some(s) = self.staged.get(&block) {
-            return Ok(match s {
-                Staged::Hole => None,
-                Staged::Block(h) => Some(*h),
-            });
+            return Ok(s.hash());
         }
         if self.trunc_from.is_some_and(|t| block >= t) || block >= self.nblocks() {
             return Ok(None);
@@ -1833,15 +1837,7 @@ impl ImageHandle {
         self.live = c.live.map(|n| (c.version, n));
         {
             let mut cache = self.map_cache.lock().unwrap();
-            for (&b, st) in f.staged.iter() {
-                cache.insert(
-                    b,
-                    match st {
-                        Staged::Hole => None,
-                        Staged::Block(h) => Some(*h),
-                    },
-                );
-            }
+            cache.extend(f.staged.iter().map(|(&b, st)| (b, st.hash())));
         }
         {
             // Indexed now: the store finds them.
@@ -1921,15 +1917,7 @@ impl ImageHandle {
             if self.trunc_from.is_some() {
                 cache.clear();
             } else {
-                for (&b, st) in &self.staged {
-                    cache.insert(
-                        b,
-                        match st {
-                            Staged::Hole => None,
-                            Staged::Block(h) => Some(*h),
-                        },
-                    );
-                }
+                cache.extend(self.staged.iter().map(|(&b, st)| (b, st.hash())));
             }
         }
         if let Ok(row) = self.store.image_row_by_id(self.row.id, &self.row.name) {
