@@ -452,3 +452,79 @@ fn writes_past_the_dirty_limit_wait_for_sealing_and_flush_versions_meanwhile() {
         }
     }
 }
+
+/// A write that finds half the dirty limit in memory and no seal job to
+/// free it (here: jobs start only at 64 blocks, eager sealing off) commits
+/// instead of waiting for nothing: memory stays bounded, the data is there.
+#[test]
+fn a_full_dirty_set_with_no_seal_job_is_committed() {
+    let (_d, s) = geosync_suite::kit::disk_store(BS as u32);
+    let v = Vfs::new(
+        s,
+        VfsConfig {
+            dirty_limit: 8 * BS as usize,
+            seal_at: 64 * BS as usize,
+            eager_seal: false,
+            commit_interval: std::time::Duration::from_secs(3600),
+        },
+    );
+    let (a, fh) = v.create(ROOT_INO, "img").unwrap();
+    v.set_size(a.ino, 16 * BS).unwrap();
+    v.fsync(fh).unwrap();
+    let v0 = v.store().image_info("img").unwrap().version;
+    for b in 0..16 {
+        v.write(fh, b * BS, &noise(b, BS as usize)).unwrap();
+        assert!(v.store().memory_held() <= 4 * BS as usize, "after block {b}");
+    }
+    assert!(
+        v.store().image_info("img").unwrap().version > v0,
+        "nothing committed"
+    );
+    for b in 0..16 {
+        assert_eq!(v.read(fh, b * BS, BS as u32).unwrap(), noise(b, BS as usize));
+    }
+    v.release(fh).unwrap();
+}
+
+/// A writer waiting for room meets the failure of the seal job it waits
+/// for (the store's disk full): the write itself was acknowledged, the
+/// uncommitted writes are dropped, and the next fsync says so.
+#[test]
+fn a_seal_job_failing_while_a_writer_waits_is_reported_by_the_next_fsync() {
+    use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let packs = FaultPacks::new(MemPacks::new());
+    let opts = geosync_fs::InitOptions {
+        block_size: BS as u32,
+        ..Default::default()
+    };
+    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    let v = Vfs::new(
+        s,
+        VfsConfig {
+            dirty_limit: 2 * BS as usize, // one block in memory fills it
+            seal_at: BS as usize,
+            commit_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let (_, fh) = v.create(ROOT_INO, "img").unwrap();
+    let kept = noise(1, BS as usize);
+    v.write(fh, 0, &kept).unwrap();
+    v.fsync(fh).unwrap();
+    packs.set_plan(FaultPlan {
+        enospc_after_bytes: Some(0),
+        ..Default::default()
+    });
+    assert_eq!(v.write(fh, BS, &noise(2, BS as usize)).unwrap(), BS as u32);
+    assert_eq!(v.store().memory_held(), 0, "the failed job's block is still held");
+    packs.set_plan(FaultPlan::default());
+    let e = v.fsync(fh).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    assert_eq!(v.read(fh, 0, BS as u32).unwrap(), kept);
+    // The lost write is gone, with the growth it made.
+    assert!(v.read(fh, BS, BS as u32).unwrap().iter().all(|&b| b == 0));
+    v.release(fh).unwrap();
+}

@@ -443,8 +443,9 @@ impl Drop for Flush {
 
 impl Drop for ImageHandle {
     fn drop(&mut self) {
-        let _ = self.settle(); // (its failure dropped what was uncommitted: so does this)
-                               // Jobs in flight hold pins on the packs they wrote: wait, then drop them.
+        // A flush's failure dropped what was uncommitted: so does this drop.
+        let _ = self.settle();
+        // Jobs in flight hold pins on the packs they wrote: wait, then drop them.
         for (_, r) in self.jobs.wait_all() {
             if let Ok(out) = r {
                 self.store.unpin_packs(out.pinned);
@@ -1811,11 +1812,6 @@ impl ImageHandle {
         }
     }
 
-    /// Whether a flush is in flight.
-    pub fn flushing(&self) -> bool {
-        self.inflight.is_some()
-    }
-
     /// Wait for the flush in flight, if any, and take its result: its version
     /// becomes the one this handle is based on; or, if it failed, every
     /// uncommitted change is dropped (as for a failed commit) and its error
@@ -1831,25 +1827,29 @@ impl ImageHandle {
                 return Err(e);
             }
         };
+        self.adopt(&c, f.size, &f.staged);
+        // Indexed now: the store finds them.
+        let mut nb = self.new_blocks.lock().unwrap();
+        for h in &f.indexed {
+            nb.remove(h);
+        }
+        Ok(())
+    }
+
+    /// Base this handle on the version a commit or flush made, of `size`,
+    /// with `staged` now in it.
+    fn adopt(&mut self, c: &Committed, size: u64, staged: &BTreeMap<u64, Staged>) {
         self.row.version = c.version;
         self.row.stamp = c.stamp;
-        self.row.size = f.size;
+        self.row.size = size;
         self.live = c.live.map(|n| (c.version, n));
-        {
-            let mut cache = self.map_cache.lock().unwrap();
-            cache.extend(f.staged.iter().map(|(&b, st)| (b, st.hash())));
-        }
-        {
-            // Indexed now: the store finds them.
-            let mut nb = self.new_blocks.lock().unwrap();
-            for h in &f.indexed {
-                nb.remove(h);
-            }
-        }
+        self.map_cache
+            .lock()
+            .unwrap()
+            .extend(staged.iter().map(|(&b, st)| (b, st.hash())));
         if let Ok(row) = self.store.image_row_by_id(self.row.id, &self.row.name) {
             self.row.quota = row.quota; // `geosync quota set` may have changed it
         }
-        Ok(())
     }
 
     /// Bytes of sealed blocks not yet committed (nor in a flush).
@@ -1908,21 +1908,12 @@ impl ImageHandle {
             live_before: self.live.filter(|&(v, _)| v == self.row.version).map(|(_, n)| n),
         })?;
         let (version, stamp) = (committed.version, committed.stamp);
-        self.live = committed.live.map(|n| (version, n));
-        self.row.version = version;
-        self.row.size = self.size;
-        self.row.stamp = stamp;
-        {
-            let mut cache = self.map_cache.lock().unwrap();
-            if self.trunc_from.is_some() {
-                cache.clear();
-            } else {
-                cache.extend(self.staged.iter().map(|(&b, st)| (b, st.hash())));
-            }
+        if self.trunc_from.is_some() {
+            self.map_cache.lock().unwrap().clear(); // (and none of `staged` cached below)
+            self.staged.clear();
         }
-        if let Ok(row) = self.store.image_row_by_id(self.row.id, &self.row.name) {
-            self.row.quota = row.quota; // `geosync quota set` may have changed it
-        }
+        let staged = std::mem::take(&mut self.staged);
+        self.adopt(&committed, self.size, &staged);
         self.reset();
         *self.alloc.lock().unwrap() = alloc;
         tracing::debug!(
@@ -2737,7 +2728,6 @@ mod tests {
         h.land_flush(&ticket).unwrap();
         h.land_flush(&ticket).unwrap(); // landed once
         assert_eq!(h.version(), v1 + 1);
-        assert!(!h.flushing());
         check_model(&h, &model, bs);
 
         // The flushed version holds what was cut, nothing later.

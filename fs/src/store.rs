@@ -1304,7 +1304,8 @@ impl Store {
     }
 
     /// Bytes of blocks the open image handles hold in memory (dirty, or being
-    /// sealed): at most the dirty limit per image under a mount.
+    /// sealed): at most half the dirty limit per image under a mount (plus a
+    /// write per FUSE thread).
     pub fn memory_held(&self) -> usize {
         self.inner.cache_budget.lock().unwrap().held
     }

@@ -587,7 +587,7 @@ impl Vfs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (_, o) = self.file(fh)?;
         let limit = self.cfg.dirty_limit;
-        let (commit, job, flush) = {
+        let (commit, job, flush, full) = {
             let mut h = o.handle.write().unwrap();
             h.write(offset, data)?;
             self.mark_dirty(&o);
@@ -598,7 +598,13 @@ impl Vfs {
             if self.gc_draining.load(Ordering::Relaxed) {
                 // A GC waits for the stage gate: no new jobs; commit (and
                 // leave the gate) rather than fill the dirty set.
-                (h.pending_bytes() >= limit, None, None)
+                let commit = h.pending_bytes() >= limit;
+                (
+                    commit,
+                    None,
+                    None,
+                    !commit && h.dirty_bytes() >= self.cfg.half_limit(),
+                )
             } else {
                 let job = h
                     .seal_job_when(self.cfg.seal_at, self.cfg.eager_seal)
@@ -614,7 +620,7 @@ impl Vfs {
                 } else {
                     None
                 };
-                (false, job, flush)
+                (false, job, flush, h.dirty_bytes() >= self.cfg.half_limit())
             }
         };
         if let Some(job) = job {
@@ -632,7 +638,7 @@ impl Vfs {
         }
         if commit {
             self.commit_open(&o)?;
-        } else {
+        } else if full {
             self.wait_for_room(&o)?;
         }
         Ok(data.len() as u32)
