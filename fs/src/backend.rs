@@ -484,6 +484,10 @@ struct FaultState {
     appended_bytes: u64,
     /// Durable length of each pack (as of its last successful sync).
     synced: HashMap<PackId, u64>,
+    /// Syncs wait while this is set ([`FaultPacks::hold_syncs`]).
+    hold: bool,
+    /// Syncs waiting now.
+    held: usize,
 }
 
 /// Wraps a [`PackStorage`] and injects the failures of a [`FaultPlan`].
@@ -491,6 +495,7 @@ struct FaultState {
 pub struct FaultPacks<S> {
     inner: S,
     state: Arc<Mutex<FaultState>>,
+    released: Arc<std::sync::Condvar>,
 }
 
 impl<S: PackStorage> FaultPacks<S> {
@@ -504,7 +509,20 @@ impl<S: PackStorage> FaultPacks<S> {
         FaultPacks {
             inner,
             state: Arc::new(Mutex::new(state)),
+            released: Arc::default(),
         }
+    }
+
+    /// While `hold`, every `sync` waits (a slow disk, for ordering tests);
+    /// `false` lets them go on.
+    pub fn hold_syncs(&self, hold: bool) {
+        self.state.lock().unwrap().hold = hold;
+        self.released.notify_all();
+    }
+
+    /// Syncs waiting under [`FaultPacks::hold_syncs`] now.
+    pub fn syncs_held(&self) -> usize {
+        self.state.lock().unwrap().held
     }
 
     /// Replace the plan and reset its counters.
@@ -566,6 +584,13 @@ impl<S: PackStorage> PackStorage for FaultPacks<S> {
     }
     fn sync(&self, id: PackId) -> io::Result<()> {
         let mut st = self.state.lock().unwrap();
+        if st.hold {
+            st.held += 1;
+            while st.hold {
+                st = self.released.wait(st).unwrap();
+            }
+            st.held -= 1;
+        }
         let n = st.syncs;
         st.syncs += 1;
         if st.plan.fail_sync_at == Some(n) {

@@ -1845,9 +1845,18 @@ impl Store {
         Ok(s)
     }
 
-    /// Apply a sealed change set to an image as ONE transaction (called by
-    /// [`ImageHandle::commit`] after the packs it uses are synced).
-    pub(crate) fn apply_commit(&self, c: &CommitRequest<'_>) -> Result<Committed> {
+    /// Apply a sealed change set to an image as ONE transaction (for a
+    /// commit or a flush of an [`ImageHandle`](crate::ImageHandle)).
+    ///
+    /// `durable` runs just before the transaction commits and must return
+    /// only once every record the new rows name is on stable storage (the
+    /// caller syncs the packs meanwhile, beside the statements); its error
+    /// rolls the transaction back.
+    pub(crate) fn apply_commit(
+        &self,
+        c: &CommitRequest<'_>,
+        durable: impl FnOnce() -> Result<()>,
+    ) -> Result<Committed> {
         let t0 = std::time::Instant::now();
         let mut db = self.db();
         let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -1950,11 +1959,14 @@ impl Store {
         // record (pages SQLite spills to the WAL early count for nothing
         // without it), so the map may point at records only once they are.
         let t1 = std::time::Instant::now();
+        durable()?; // (dropping `tx` on its error rolls back)
+        let t2 = std::time::Instant::now();
         tx.commit()?;
         tracing::trace!(
             image = c.name,
             statements_us = (t1 - t0).as_micros() as u64,
-            commit_us = t1.elapsed().as_micros() as u64,
+            durable_wait_us = (t2 - t1).as_micros() as u64,
+            commit_us = t2.elapsed().as_micros() as u64,
             "metadata transaction"
         );
         Ok(Committed {
