@@ -528,3 +528,77 @@ fn a_seal_job_failing_while_a_writer_waits_is_reported_by_the_next_fsync() {
     assert!(v.read(fh, BS, BS as u32).unwrap().iter().all(|&b| b == 0));
     v.release(fh).unwrap();
 }
+
+/// A flush (sealed blocks committed while writing goes on) whose pack sync
+/// fails inside a write: that write is acknowledged, every uncommitted
+/// write is dropped (never a part of one), the next fsync says so with the
+/// sync's EIO, and writing goes on into a fresh pack.
+#[test]
+fn a_flush_failing_inside_a_write_is_reported_by_the_next_fsync() {
+    use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let packs = FaultPacks::new(MemPacks::new());
+    let opts = geosync_fs::InitOptions {
+        block_size: BS as u32,
+        ..Default::default()
+    };
+    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    let v = Vfs::new(
+        s,
+        VfsConfig {
+            dirty_limit: 4 * BS as usize, // two sealed blocks start a flush
+            seal_at: BS as usize,
+            commit_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let (_, fh) = v.create(ROOT_INO, "img").unwrap();
+    let kept = noise(1, BS as usize);
+    v.write(fh, 0, &kept).unwrap();
+    v.fsync(fh).unwrap();
+    // Only a flush syncs packs until the fsync below: its sync fails.
+    packs.set_plan(FaultPlan {
+        fail_sync_at: Some(0),
+        ..Default::default()
+    });
+    let n = 16u64;
+    for b in 1..=n {
+        assert_eq!(
+            v.write(fh, b * BS, &noise(b + 1, BS as usize)).unwrap(),
+            BS as u32
+        );
+    }
+    let e = v.fsync(fh).unwrap_err();
+    assert!(
+        matches!(e, Error::WritesLost { ref image, .. } if image == "img"),
+        "not the flush's failure: {e}"
+    );
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    v.fsync(fh).unwrap(); // reported once; what came after commits
+                          // Each block is either lost (zeros) or whole; the fsync'd one stays.
+    let check = |v: &Vfs, fh: u64| -> usize {
+        assert_eq!(v.read(fh, 0, BS as u32).unwrap(), kept);
+        let mut lost = 0;
+        for b in 1..=n {
+            let got = v.read(fh, b * BS, BS as u32).unwrap();
+            if got.iter().all(|&x| x == 0) {
+                lost += 1;
+            } else {
+                assert_eq!(got, noise(b + 1, BS as usize), "block {b} is a mix");
+            }
+        }
+        lost
+    };
+    let lost = check(&v, fh);
+    assert!(lost > 0 && lost < n as usize, "{lost} of {n} blocks lost");
+    v.release(fh).unwrap();
+    // The same after reopening the store.
+    drop(v);
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    let v = Vfs::new(s, VfsConfig::default());
+    let fh = v.open(v.lookup(ROOT_INO, "img").unwrap().ino, false).unwrap();
+    assert_eq!(check(&v, fh), lost);
+    v.release(fh).unwrap();
+}
