@@ -33,6 +33,10 @@ use crate::{BlockHash, Error, Result, Stamp, Store};
 /// time: each lane's append buffer is sized for it).
 pub const SEAL_JOB_BYTES: usize = 8 << 20;
 
+/// Writes a block written in part waits for before a seal job that is not
+/// eager takes it (see [`ImageHandle::seal_job_when`]).
+const PARTIAL_GRACE: u64 = 16;
+
 /// Default bound of a handle's dirty set.
 pub const DEFAULT_DIRTY_LIMIT: usize = 256 << 20;
 
@@ -85,13 +89,16 @@ struct Partial {
     buf: Box<[u8]>,
     /// One bit per sector.
     valid: Vec<u64>,
+    /// The handle's write count when this block was first written.
+    since: u64,
 }
 
 impl Partial {
-    fn new(bs: usize) -> Partial {
+    fn new(bs: usize, since: u64) -> Partial {
         Partial {
             buf: vec![0; bs].into(),
             valid: vec![0; (bs / SECTOR).div_ceil(64)],
+            since,
         }
     }
 
@@ -307,6 +314,8 @@ pub struct ImageHandle {
     sealing: BTreeMap<u64, (u64, Dirty)>,
     sealing_bytes: usize,
     seal_gen: u64,
+    /// Writes so far (ages partial blocks: see [`PARTIAL_GRACE`]).
+    writes: u64,
     /// Bumped by every reset: results of jobs taken before it are dropped.
     epoch: u64,
     jobs: Arc<JobState>,
@@ -823,6 +832,7 @@ impl ImageHandle {
             sealing: BTreeMap::new(),
             sealing_bytes: 0,
             seal_gen: 0,
+            writes: 0,
             epoch: 0,
             jobs: Arc::default(),
             staged: BTreeMap::new(),
@@ -1416,6 +1426,7 @@ impl ImageHandle {
         if end > self.size {
             self.size = end;
         }
+        self.writes += 1;
         let mut done = 0;
         while done < data.len() {
             let pos = offset + done as u64;
@@ -1460,7 +1471,7 @@ impl ImageHandle {
                 }
             } else if aligned && !is_zero(part) && !self.dirty.contains_key(&block) {
                 // (Over a punched or shared dirty block, the old contents are those: merge now.)
-                let mut p = Partial::new(self.bs as usize);
+                let mut p = Partial::new(self.bs as usize, self.writes);
                 p.write(within, part);
                 self.set_dirty(block, Dirty::Partial(Box::new(p)))?;
                 self.prefetch(block)?;
@@ -1580,7 +1591,7 @@ impl ImageHandle {
     }
 
     /// Take up to `max_blocks` dirty blocks (lowest first) into a job.
-    fn take_job(&mut self, max_blocks: usize) -> Result<SealJob> {
+    fn take_job(&mut self, keys: Vec<u64>) -> Result<SealJob> {
         let gate = match &self.guard {
             Some(g) => g.clone(),
             None => {
@@ -1592,7 +1603,6 @@ impl ImageHandle {
         self.seal_gen += 1;
         let gen = self.seal_gen;
         let bs = self.bs as usize;
-        let keys: Vec<u64> = self.dirty.keys().take(max_blocks).copied().collect();
         // Partial blocks: the job reads their old contents and merges, so
         // the reads do not hold up this handle. What lies below them is
         // fixed now (a later write goes to the dirty set, above the job).
@@ -1654,27 +1664,57 @@ impl ImageHandle {
         })
     }
 
-    /// A job sealing dirty blocks outside this handle, when at least
-    /// `min_bytes` of them wait (first applying what finished jobs did).
+    /// A job sealing dirty blocks outside this handle (up to
+    /// [`SEAL_JOB_BYTES`] of them), when at least `min_bytes` of them wait
+    /// (first applying what finished jobs did).
     /// Run it with [`SealJob::run`] on any thread. On error (an earlier
     /// job's, or reading old contents to merge) the uncommitted changes are
     /// dropped, as for a failed commit.
     pub fn seal_job(&mut self, min_bytes: usize) -> Result<Option<SealJob>> {
-        self.seal_job_when(min_bytes, false)
+        self.seal_job_taking(min_bytes, false)
     }
 
-    /// [`ImageHandle::seal_job`], or, when `eager` and no job of this handle
-    /// is running, a job for whatever is dirty: blocks are sealed while the
+    /// The job a writer starts. When `eager` and no job of this handle is
+    /// running, a job for whatever is dirty: blocks are sealed while the
     /// writer goes on, so an `fsync` finds little left to seal. (A block
     /// written again after that is sealed again: CPU spent off the path.)
+    /// Otherwise [`ImageHandle::seal_job`], but for blocks written in part
+    /// by the last [`PARTIAL_GRACE`] writes: a long write's edge block is
+    /// most often completed by the next write (the loop device splits
+    /// writes at any 4 KiB); sealed at once, it was merged with its old
+    /// contents read from the disk, then merged and sealed again.
     pub fn seal_job_when(&mut self, min_bytes: usize, eager: bool) -> Result<Option<SealJob>> {
         self.check_writable()?;
         self.apply_jobs(self.jobs.take())?;
-        let idle = eager && self.jobs.running() == 0;
-        if self.dirty_bytes < if idle { 1 } else { min_bytes.max(1) } {
+        if eager && self.jobs.running() == 0 {
+            self.seal_job_taking(1, false)
+        } else {
+            self.seal_job_taking(min_bytes, true)
+        }
+    }
+
+    /// A job for at most [`SEAL_JOB_BYTES`] of dirty blocks if `min_bytes`
+    /// wait, leaving out the young partial ones if `settled`.
+    fn seal_job_taking(&mut self, min_bytes: usize, settled: bool) -> Result<Option<SealJob>> {
+        self.check_writable()?;
+        self.apply_jobs(self.jobs.take())?;
+        if self.dirty_bytes < min_bytes.max(1) {
             return Ok(None);
         }
-        match self.take_job((SEAL_JOB_BYTES / self.bs as usize).max(1)) {
+        let max = (SEAL_JOB_BYTES / self.bs as usize).max(1);
+        let young =
+            |d: &Dirty| settled && matches!(d, Dirty::Partial(p) if self.writes - p.since < PARTIAL_GRACE);
+        let keys: Vec<u64> = self
+            .dirty
+            .iter()
+            .filter(|(_, d)| !young(d))
+            .map(|(&k, _)| k)
+            .take(max)
+            .collect();
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        match self.take_job(keys) {
             Ok(job) => Ok(Some(job)),
             Err(e) => {
                 self.reset(); // as a failed job would: the caller reports the loss
@@ -1767,7 +1807,13 @@ impl ImageHandle {
         self.apply_jobs(self.jobs.take())?;
         // In chunks, so sealing needs little memory beyond the dirty set itself.
         while !self.dirty.is_empty() {
-            self.take_job((SEAL_JOB_BYTES / self.bs as usize).max(1))?.run();
+            let keys = self
+                .dirty
+                .keys()
+                .take((SEAL_JOB_BYTES / self.bs as usize).max(1))
+                .copied()
+                .collect();
+            self.take_job(keys)?.run();
             self.apply_jobs(self.jobs.take())?;
         }
         Ok(())
@@ -2757,6 +2803,74 @@ mod tests {
     /// handle goes on: writes over flushed blocks, punches, new blocks and
     /// new seals meanwhile read right before and after it lands, the
     /// flushed version holds exactly what was cut, and the next commit the rest.
+    #[test]
+    fn a_block_written_in_part_waits_for_its_other_part_before_a_seal_job_takes_it() {
+        let (_d, s) = store();
+        let bs = s.block_size() as usize;
+        s.create_image("a", 64 * bs as u64).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        let old = noise(1, 4 * bs);
+        h.write(0, &old).unwrap();
+        h.commit().unwrap();
+        let mut model = old.clone();
+        model.resize(64 * bs, 0);
+        // A long write ending half-way into block 1 (the loop device's split).
+        let first = noise(2, bs + bs / 2);
+        h.write(0, &first).unwrap();
+        model[..first.len()].copy_from_slice(&first);
+        let job = h.seal_job_when(0, false).unwrap().expect("block 0 to seal");
+        let taken: Vec<u64> = job.blocks.iter().map(|(b, _, _)| *b).collect();
+        assert_eq!(taken, vec![0], "a job took the fresh edge block");
+        job.run();
+        // Its other part comes: a whole block now, never merged with the old one.
+        let second = noise(3, bs / 2);
+        h.write((bs + bs / 2) as u64, &second).unwrap();
+        model[bs + bs / 2..2 * bs].copy_from_slice(&second);
+        assert!(matches!(h.dirty.get(&1), Some(Dirty::Data(_))));
+        // An edge that stays half-written is taken once it is no longer young,
+        // and an eager job or a commit takes it at once.
+        h.write((2 * bs) as u64, &second).unwrap();
+        model[2 * bs..2 * bs + second.len()].copy_from_slice(&second);
+        let job = h.seal_job_when(0, false).unwrap().expect("block 1 to seal");
+        assert_eq!(job.blocks.iter().map(|(b, _, _)| *b).collect::<Vec<_>>(), vec![1]);
+        job.run();
+        for i in 0..PARTIAL_GRACE {
+            let b = 10 + i as usize;
+            h.write((b * bs) as u64, &noise(10 + i, bs)).unwrap();
+            model[b * bs..(b + 1) * bs].copy_from_slice(&noise(10 + i, bs));
+        }
+        let job = h.seal_job_when(0, false).unwrap().expect("blocks to seal");
+        assert!(
+            job.blocks.iter().any(|(b, _, _)| *b == 2),
+            "an old half-written block was left"
+        );
+        job.run();
+        h.write((40 * bs) as u64, &second).unwrap();
+        model[40 * bs..40 * bs + second.len()].copy_from_slice(&second);
+        let job = h.seal_job_when(usize::MAX, true).unwrap().expect("an eager job");
+        assert!(job.blocks.iter().any(|(b, _, _)| *b == 40));
+        job.run();
+        h.write((41 * bs) as u64, &second).unwrap();
+        model[41 * bs..41 * bs + second.len()].copy_from_slice(&second);
+        assert!(
+            h.seal_job_when(0, false).unwrap().is_none(),
+            "only a young edge is dirty"
+        );
+        let job = h.seal_job(0).unwrap().expect("seal_job takes every dirty block");
+        assert_eq!(
+            job.blocks.iter().map(|(b, _, _)| *b).collect::<Vec<_>>(),
+            vec![41]
+        );
+        drop(job); // (runs)
+        h.write((42 * bs) as u64, &second).unwrap();
+        model[42 * bs..42 * bs + second.len()].copy_from_slice(&second);
+        check_model(&h, &model, bs);
+        h.commit().unwrap();
+        assert!(!h.is_dirty());
+        drop(h);
+        check_model(&s.open_image("a").unwrap(), &model, bs);
+    }
+
     #[test]
     fn a_flush_commits_the_sealed_blocks_while_the_handle_goes_on() {
         let (_d, s) = store();
