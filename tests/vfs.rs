@@ -1,11 +1,26 @@
 //! The mount's filesystem logic (`fs::vfs`) without FUSE: namespace, data
 //! ops, snapshots, quotas, leases — the same calls the FUSE adapter makes.
 
+use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
 use geosync_fs::vfs::{Kind, Vfs, VfsConfig, ROOT_INO, SNAP_ROOT_INO};
 use geosync_fs::{Error, OpenMode, Store};
 use geosync_suite::kit::noise;
 
 const BS: u64 = 4096;
+
+/// A VFS over a store whose packs (in memory) fail as a test plans.
+fn faulty_vfs(cfg: VfsConfig) -> (tempfile::TempDir, FaultPacks<MemPacks>, Vfs) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let packs = FaultPacks::new(MemPacks::new());
+    let opts = geosync_fs::InitOptions {
+        block_size: BS as u32,
+        ..Default::default()
+    };
+    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
+    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
+    (dir, packs, Vfs::new(s, cfg))
+}
 
 fn vfs() -> (tempfile::TempDir, Vfs) {
     let (d, s) = geosync_suite::kit::disk_store(BS as u32);
@@ -267,22 +282,11 @@ fn crossing_copies_do_not_deadlock() {
 /// and writes after the failure commit normally.
 #[test]
 fn a_background_failure_is_reported_by_the_next_fsync() {
-    use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("meta.db");
-    let packs = FaultPacks::new(MemPacks::new());
-    let opts = geosync_fs::InitOptions {
-        block_size: BS as u32,
-        ..Default::default()
-    };
-    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
-    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
-    let cfg = VfsConfig {
+    let (_dir, packs, v) = faulty_vfs(VfsConfig {
         commit_interval: std::time::Duration::ZERO,
         seal_at: BS as usize, // a seal job for every write
         ..Default::default()
-    };
-    let v = Vfs::new(s, cfg);
+    });
     let (a, fh) = v.create(ROOT_INO, "img").unwrap();
     let kept = noise(1, BS as usize);
     v.write(fh, 0, &kept).unwrap();
@@ -491,25 +495,12 @@ fn a_full_dirty_set_with_no_seal_job_is_committed() {
 /// uncommitted writes are dropped, and the next fsync says so.
 #[test]
 fn a_seal_job_failing_while_a_writer_waits_is_reported_by_the_next_fsync() {
-    use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("meta.db");
-    let packs = FaultPacks::new(MemPacks::new());
-    let opts = geosync_fs::InitOptions {
-        block_size: BS as u32,
+    let (_dir, packs, v) = faulty_vfs(VfsConfig {
+        dirty_limit: 2 * BS as usize, // one block in memory fills it
+        seal_at: BS as usize,
+        commit_interval: std::time::Duration::from_secs(3600),
         ..Default::default()
-    };
-    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
-    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
-    let v = Vfs::new(
-        s,
-        VfsConfig {
-            dirty_limit: 2 * BS as usize, // one block in memory fills it
-            seal_at: BS as usize,
-            commit_interval: std::time::Duration::from_secs(3600),
-            ..Default::default()
-        },
-    );
+    });
     let (_, fh) = v.create(ROOT_INO, "img").unwrap();
     let kept = noise(1, BS as usize);
     v.write(fh, 0, &kept).unwrap();
@@ -535,25 +526,12 @@ fn a_seal_job_failing_while_a_writer_waits_is_reported_by_the_next_fsync() {
 /// sync's EIO, and writing goes on into a fresh pack.
 #[test]
 fn a_flush_failing_inside_a_write_is_reported_by_the_next_fsync() {
-    use geosync_fs::backend::{FaultPacks, FaultPlan, MemPacks};
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("meta.db");
-    let packs = FaultPacks::new(MemPacks::new());
-    let opts = geosync_fs::InitOptions {
-        block_size: BS as u32,
+    let (dir, packs, v) = faulty_vfs(VfsConfig {
+        dirty_limit: 4 * BS as usize, // two sealed blocks start a flush
+        seal_at: BS as usize,
+        commit_interval: std::time::Duration::from_secs(3600),
         ..Default::default()
-    };
-    Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
-    let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
-    let v = Vfs::new(
-        s,
-        VfsConfig {
-            dirty_limit: 4 * BS as usize, // two sealed blocks start a flush
-            seal_at: BS as usize,
-            commit_interval: std::time::Duration::from_secs(3600),
-            ..Default::default()
-        },
-    );
+    });
     let (_, fh) = v.create(ROOT_INO, "img").unwrap();
     let kept = noise(1, BS as usize);
     v.write(fh, 0, &kept).unwrap();
@@ -596,6 +574,7 @@ fn a_flush_failing_inside_a_write_is_reported_by_the_next_fsync() {
     v.release(fh).unwrap();
     // The same after reopening the store.
     drop(v);
+    let db = dir.path().join("meta.db");
     let s = Store::open_with(&db, Box::new(packs.clone()), OpenMode::ReadWrite).unwrap();
     let v = Vfs::new(s, VfsConfig::default());
     let fh = v.open(v.lookup(ROOT_INO, "img").unwrap().ino, false).unwrap();
