@@ -22,6 +22,25 @@ fn faulty_vfs(cfg: VfsConfig) -> (tempfile::TempDir, FaultPacks<MemPacks>, Vfs) 
     (dir, packs, Vfs::new(s, cfg))
 }
 
+/// [`faulty_vfs`] with `dirty_limit`, a seal job per block written and no
+/// timed commits, and an image "img" open (`fh`) whose block 0 (`kept`) is
+/// committed.
+fn image_with_a_committed_block(
+    dirty_limit: usize,
+) -> (tempfile::TempDir, FaultPacks<MemPacks>, Vfs, u64, Vec<u8>) {
+    let (dir, packs, v) = faulty_vfs(VfsConfig {
+        dirty_limit,
+        seal_at: BS as usize,
+        commit_interval: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    });
+    let (_, fh) = v.create(ROOT_INO, "img").unwrap();
+    let kept = noise(1, BS as usize);
+    v.write(fh, 0, &kept).unwrap();
+    v.fsync(fh).unwrap();
+    (dir, packs, v, fh, kept)
+}
+
 fn vfs() -> (tempfile::TempDir, Vfs) {
     let (d, s) = geosync_suite::kit::disk_store(BS as u32);
     (d, Vfs::new(s, VfsConfig::default()))
@@ -495,16 +514,8 @@ fn a_full_dirty_set_with_no_seal_job_is_committed() {
 /// uncommitted writes are dropped, and the next fsync says so.
 #[test]
 fn a_seal_job_failing_while_a_writer_waits_is_reported_by_the_next_fsync() {
-    let (_dir, packs, v) = faulty_vfs(VfsConfig {
-        dirty_limit: 2 * BS as usize, // one block in memory fills it
-        seal_at: BS as usize,
-        commit_interval: std::time::Duration::from_secs(3600),
-        ..Default::default()
-    });
-    let (_, fh) = v.create(ROOT_INO, "img").unwrap();
-    let kept = noise(1, BS as usize);
-    v.write(fh, 0, &kept).unwrap();
-    v.fsync(fh).unwrap();
+    // One block in memory fills the dirty limit.
+    let (_dir, packs, v, fh, kept) = image_with_a_committed_block(2 * BS as usize);
     packs.set_plan(FaultPlan {
         enospc_after_bytes: Some(0),
         ..Default::default()
@@ -526,16 +537,8 @@ fn a_seal_job_failing_while_a_writer_waits_is_reported_by_the_next_fsync() {
 /// sync's EIO, and writing goes on into a fresh pack.
 #[test]
 fn a_flush_failing_inside_a_write_is_reported_by_the_next_fsync() {
-    let (dir, packs, v) = faulty_vfs(VfsConfig {
-        dirty_limit: 4 * BS as usize, // two sealed blocks start a flush
-        seal_at: BS as usize,
-        commit_interval: std::time::Duration::from_secs(3600),
-        ..Default::default()
-    });
-    let (_, fh) = v.create(ROOT_INO, "img").unwrap();
-    let kept = noise(1, BS as usize);
-    v.write(fh, 0, &kept).unwrap();
-    v.fsync(fh).unwrap();
+    // Two sealed blocks start a flush.
+    let (dir, packs, v, fh, kept) = image_with_a_committed_block(4 * BS as usize);
     // Only a flush syncs packs until the fsync below: its sync fails.
     packs.set_plan(FaultPlan {
         fail_sync_at: Some(0),

@@ -1591,6 +1591,19 @@ impl ImageHandle {
     }
 
     /// Take up to `max_blocks` dirty blocks (lowest first) into a job.
+    /// The dirty blocks a job takes: the first [`SEAL_JOB_BYTES`] of them,
+    /// leaving out the young partial ones if `settled`.
+    fn job_keys(&self, settled: bool) -> Vec<u64> {
+        let young =
+            |d: &Dirty| settled && matches!(d, Dirty::Partial(p) if self.writes - p.since < PARTIAL_GRACE);
+        self.dirty
+            .iter()
+            .filter(|(_, d)| !young(d))
+            .map(|(&k, _)| k)
+            .take((SEAL_JOB_BYTES / self.bs as usize).max(1))
+            .collect()
+    }
+
     fn take_job(&mut self, keys: Vec<u64>) -> Result<SealJob> {
         let gate = match &self.guard {
             Some(g) => g.clone(),
@@ -1671,6 +1684,8 @@ impl ImageHandle {
     /// job's, or reading old contents to merge) the uncommitted changes are
     /// dropped, as for a failed commit.
     pub fn seal_job(&mut self, min_bytes: usize) -> Result<Option<SealJob>> {
+        self.check_writable()?;
+        self.apply_jobs(self.jobs.take())?;
         self.seal_job_taking(min_bytes, false)
     }
 
@@ -1693,24 +1708,13 @@ impl ImageHandle {
         }
     }
 
-    /// A job for at most [`SEAL_JOB_BYTES`] of dirty blocks if `min_bytes`
-    /// wait, leaving out the young partial ones if `settled`.
+    /// A job for the blocks [`ImageHandle::job_keys`] picks, if `min_bytes`
+    /// of dirty blocks wait.
     fn seal_job_taking(&mut self, min_bytes: usize, settled: bool) -> Result<Option<SealJob>> {
-        self.check_writable()?;
-        self.apply_jobs(self.jobs.take())?;
         if self.dirty_bytes < min_bytes.max(1) {
             return Ok(None);
         }
-        let max = (SEAL_JOB_BYTES / self.bs as usize).max(1);
-        let young =
-            |d: &Dirty| settled && matches!(d, Dirty::Partial(p) if self.writes - p.since < PARTIAL_GRACE);
-        let keys: Vec<u64> = self
-            .dirty
-            .iter()
-            .filter(|(_, d)| !young(d))
-            .map(|(&k, _)| k)
-            .take(max)
-            .collect();
+        let keys = self.job_keys(settled);
         if keys.is_empty() {
             return Ok(None);
         }
@@ -1807,12 +1811,7 @@ impl ImageHandle {
         self.apply_jobs(self.jobs.take())?;
         // In chunks, so sealing needs little memory beyond the dirty set itself.
         while !self.dirty.is_empty() {
-            let keys = self
-                .dirty
-                .keys()
-                .take((SEAL_JOB_BYTES / self.bs as usize).max(1))
-                .copied()
-                .collect();
+            let keys = self.job_keys(false);
             self.take_job(keys)?.run();
             self.apply_jobs(self.jobs.take())?;
         }
@@ -2799,71 +2798,57 @@ mod tests {
         assert_eq!(h.allocated_bytes().unwrap(), (data_blocks * bs) as u64);
     }
 
-    /// A flush commits the blocks sealed so far as a new version while the
-    /// handle goes on: writes over flushed blocks, punches, new blocks and
-    /// new seals meanwhile read right before and after it lands, the
-    /// flushed version holds exactly what was cut, and the next commit the rest.
+    /// A job a writer starts leaves a block written in part for the write
+    /// that completes it (no merge with the old contents, no second seal),
+    /// but takes it once it is no longer young; an eager job, `seal_job` and
+    /// a commit take it at once.
     #[test]
     fn a_block_written_in_part_waits_for_its_other_part_before_a_seal_job_takes_it() {
         let (_d, s) = store();
         let bs = s.block_size() as usize;
         s.create_image("a", 64 * bs as u64).unwrap();
         let mut h = s.open_image("a").unwrap();
-        let old = noise(1, 4 * bs);
-        h.write(0, &old).unwrap();
+        let mut model = vec![0u8; 64 * bs];
+        let put = |h: &mut ImageHandle, model: &mut Vec<u8>, at: usize, data: &[u8]| {
+            h.write(at as u64, data).unwrap();
+            model[at..at + data.len()].copy_from_slice(data);
+        };
+        let taken = |job: &SealJob| job.blocks.iter().map(|(b, _, _)| *b).collect::<Vec<_>>();
+        put(&mut h, &mut model, 0, &noise(1, 4 * bs));
         h.commit().unwrap();
-        let mut model = old.clone();
-        model.resize(64 * bs, 0);
         // A long write ending half-way into block 1 (the loop device's split).
-        let first = noise(2, bs + bs / 2);
-        h.write(0, &first).unwrap();
-        model[..first.len()].copy_from_slice(&first);
+        put(&mut h, &mut model, 0, &noise(2, bs + bs / 2));
         let job = h.seal_job_when(0, false).unwrap().expect("block 0 to seal");
-        let taken: Vec<u64> = job.blocks.iter().map(|(b, _, _)| *b).collect();
-        assert_eq!(taken, vec![0], "a job took the fresh edge block");
+        assert_eq!(taken(&job), vec![0], "a job took the fresh edge block");
         job.run();
         // Its other part comes: a whole block now, never merged with the old one.
-        let second = noise(3, bs / 2);
-        h.write((bs + bs / 2) as u64, &second).unwrap();
-        model[bs + bs / 2..2 * bs].copy_from_slice(&second);
+        let half = noise(3, bs / 2);
+        put(&mut h, &mut model, bs + bs / 2, &half);
         assert!(matches!(h.dirty.get(&1), Some(Dirty::Data(_))));
-        // An edge that stays half-written is taken once it is no longer young,
-        // and an eager job or a commit takes it at once.
-        h.write((2 * bs) as u64, &second).unwrap();
-        model[2 * bs..2 * bs + second.len()].copy_from_slice(&second);
+        // An edge that stays half-written waits, then is taken once old.
+        put(&mut h, &mut model, 2 * bs, &half);
         let job = h.seal_job_when(0, false).unwrap().expect("block 1 to seal");
-        assert_eq!(job.blocks.iter().map(|(b, _, _)| *b).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(taken(&job), vec![1]);
         job.run();
         for i in 0..PARTIAL_GRACE {
-            let b = 10 + i as usize;
-            h.write((b * bs) as u64, &noise(10 + i, bs)).unwrap();
-            model[b * bs..(b + 1) * bs].copy_from_slice(&noise(10 + i, bs));
+            put(&mut h, &mut model, (10 + i as usize) * bs, &noise(10 + i, bs));
         }
         let job = h.seal_job_when(0, false).unwrap().expect("blocks to seal");
-        assert!(
-            job.blocks.iter().any(|(b, _, _)| *b == 2),
-            "an old half-written block was left"
-        );
+        assert!(taken(&job).contains(&2), "an old half-written block was left");
         job.run();
-        h.write((40 * bs) as u64, &second).unwrap();
-        model[40 * bs..40 * bs + second.len()].copy_from_slice(&second);
+        put(&mut h, &mut model, 40 * bs, &half);
         let job = h.seal_job_when(usize::MAX, true).unwrap().expect("an eager job");
-        assert!(job.blocks.iter().any(|(b, _, _)| *b == 40));
+        assert!(taken(&job).contains(&40));
         job.run();
-        h.write((41 * bs) as u64, &second).unwrap();
-        model[41 * bs..41 * bs + second.len()].copy_from_slice(&second);
+        put(&mut h, &mut model, 41 * bs, &half);
         assert!(
             h.seal_job_when(0, false).unwrap().is_none(),
             "only a young edge is dirty"
         );
         let job = h.seal_job(0).unwrap().expect("seal_job takes every dirty block");
-        assert_eq!(
-            job.blocks.iter().map(|(b, _, _)| *b).collect::<Vec<_>>(),
-            vec![41]
-        );
+        assert_eq!(taken(&job), vec![41]);
         drop(job); // (runs)
-        h.write((42 * bs) as u64, &second).unwrap();
-        model[42 * bs..42 * bs + second.len()].copy_from_slice(&second);
+        put(&mut h, &mut model, 42 * bs, &half);
         check_model(&h, &model, bs);
         h.commit().unwrap();
         assert!(!h.is_dirty());
@@ -2871,6 +2856,10 @@ mod tests {
         check_model(&s.open_image("a").unwrap(), &model, bs);
     }
 
+    /// A flush commits the blocks sealed so far as a new version while the
+    /// handle goes on: writes over flushed blocks, punches, new blocks and
+    /// new seals meanwhile read right before and after it lands, the
+    /// flushed version holds exactly what was cut, and the next commit the rest.
     #[test]
     fn a_flush_commits_the_sealed_blocks_while_the_handle_goes_on() {
         let (_d, s) = store();

@@ -598,12 +598,11 @@ impl Vfs {
             if self.gc_draining.load(Ordering::Relaxed) {
                 // A GC waits for the stage gate: no new jobs; commit (and
                 // leave the gate) rather than fill the dirty set.
-                let commit = h.pending_bytes() >= limit;
                 (
-                    commit,
+                    h.pending_bytes() >= limit,
                     None,
                     None,
-                    !commit && h.dirty_bytes() >= self.cfg.half_limit(),
+                    h.dirty_bytes() >= self.cfg.half_limit(),
                 )
             } else {
                 let job = h

@@ -191,10 +191,6 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     Ok(())
 }
 
-/// Cap glibc's malloc arenas at `n`, before the mount's threads start (an
-/// arena, once made, stays). Without it a thread-heavy daemon that allocates
-/// and frees 64 KiB-1 MiB buffers on every thread keeps up to 8 arenas per
-/// core of freed but unreturned memory.
 /// Return the allocator's free pages to the kernel. Blocks of 64 KiB churn
 /// through the heap (dirty sets, the read cache, seal records) and glibc keeps
 /// what was freed in the middle of its heaps, so the RSS stayed at the peak of
@@ -209,6 +205,10 @@ fn give_back_free_memory() {
     }
 }
 
+/// Cap glibc's malloc arenas at `n`, before the mount's threads start (an
+/// arena, once made, stays). Without it a thread-heavy daemon that allocates
+/// and frees 64 KiB-1 MiB buffers on every thread keeps up to 8 arenas per
+/// core of freed but unreturned memory.
 #[allow(unsafe_code)]
 fn cap_malloc_arenas(n: u32) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
