@@ -474,6 +474,9 @@ pub struct FaultPlan {
     /// Make the n-th `append` from now a torn write: half its bytes land,
     /// then it fails with `EIO`.
     pub short_write_at: Option<u64>,
+    /// Panic in the n-th `sync` from now (a bug below the store), before
+    /// anything is synced.
+    pub panic_sync_at: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -595,6 +598,10 @@ impl<S: PackStorage> PackStorage for FaultPacks<S> {
         st.syncs += 1;
         if st.plan.fail_sync_at == Some(n) {
             return Err(eio("fsync failed"));
+        }
+        if st.plan.panic_sync_at == Some(n) {
+            drop(st); // (not poisoning the state)
+            panic!("injected panic in sync");
         }
         self.inner.sync(id)?;
         let len = self.inner.len(id)?;

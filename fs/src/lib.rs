@@ -95,6 +95,14 @@ pub fn set_seal_threads(threads: usize) -> std::result::Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// What a caught panic said.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// Check an image or snapshot name: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
 pub fn validate_name(name: &str) -> Result<()> {
     let bad = |why| {

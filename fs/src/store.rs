@@ -917,7 +917,9 @@ impl Store {
     pub(crate) fn sync_packs(&self, ids: impl IntoIterator<Item = PackId>) -> Result<()> {
         // One sync at a time: a failed fdatasync is reported to one caller only,
         // so the pack is poisoned before anyone else may sync (and trust) it.
-        let _one = self.inner.sync_lock.lock().unwrap();
+        // (It guards nothing but the order: a sync that panicked under it
+        // does not stop the next.)
+        let _one = self.inner.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
         for id in ids {
             if self.inner.poisoned.lock().unwrap().contains(&id) {
                 return Err(Error::Io {
@@ -925,7 +927,13 @@ impl Store {
                     source: io::Error::other("pack abandoned after an I/O error"),
                 });
             }
-            if let Err(e) = self.inner.packs.sync(id) {
+            // A sync that panicked may or may not have reached the disk: a
+            // failed one, whatever it was.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.packs.sync(id)))
+                .unwrap_or_else(|p| {
+                    Err(io::Error::other(format!("the sync panicked: {}", crate::panic_message(&*p))))
+                });
+            if let Err(e) = r {
                 // The next append moves on to a new pack (and gives up the claim).
                 self.inner.poisoned.lock().unwrap().insert(id);
                 return Err(Error::io(format!("syncing pack {id}"), e));
