@@ -523,6 +523,11 @@ impl<S: PackStorage> FaultPacks<S> {
         self.released.notify_all();
     }
 
+    /// Syncs so far (since the last [`FaultPacks::set_plan`]).
+    pub fn syncs(&self) -> u64 {
+        self.state.lock().unwrap().syncs
+    }
+
     /// Syncs waiting under [`FaultPacks::hold_syncs`] now.
     pub fn syncs_held(&self) -> usize {
         self.state.lock().unwrap().held

@@ -2563,6 +2563,27 @@ mod tests {
     }
 
     #[test]
+    fn a_pack_is_synced_only_when_written_since_its_last_sync() {
+        // Every flush of a long write names all the packs the image wrote
+        // since its last full commit: the clean ones must cost no sync.
+        let faults = FaultPacks::new(MemPacks::new());
+        let (_d, s) = store_on(faults.clone());
+        let (_, a) = append_one(&s, &noise(1, 4096)).unwrap();
+        faults.set_plan(FaultPlan::default()); // (counts from here)
+        s.sync_packs([a.pack]).unwrap();
+        assert_eq!(faults.syncs(), 1);
+        s.sync_packs([a.pack, a.pack]).unwrap();
+        assert_eq!(faults.syncs(), 1, "a clean pack was synced again");
+        let (_, b) = append_one(&s, &noise(2, 4096)).unwrap();
+        assert_eq!(b.pack, a.pack);
+        s.sync_packs([a.pack]).unwrap();
+        assert_eq!(faults.syncs(), 2, "a pack written since its sync was not synced");
+        // What a crash keeps is what the syncs made durable.
+        faults.crash();
+        assert_eq!(s.read_record(&pack::hash_block(&noise(2, 4096)), &b).unwrap(), noise(2, 4096));
+    }
+
+    #[test]
     fn a_pack_whose_sync_failed_is_not_appended_to_again() {
         let faults = FaultPacks::new(MemPacks::new());
         let (_d, s) = store_on(faults.clone());

@@ -336,6 +336,13 @@ pub(crate) struct Inner {
     /// Its own lock, taken last and held briefly, so `sync_packs` never
     /// waits for a lane (a lane may be held through a long write).
     poisoned: Mutex<HashSet<PackId>>,
+    /// Packs appended to since their last good sync (by anyone): the others
+    /// are durable already, and `sync_packs` skips them. An image's flushes
+    /// each name every pack it wrote since its last full commit; without
+    /// this a long write synced the same clean packs again and again (an
+    /// `fdatasync` is a device flush even on a clean file). Same lock rules
+    /// as `poisoned`.
+    unsynced: Mutex<HashSet<PackId>>,
     /// Recently read blocks, verified and decompressed (bounded by bytes).
     cache: Mutex<lru::LruCache<BlockHash, Arc<[u8]>>>,
     /// What bounds `cache` (lock order: this, then `cache`).
@@ -619,6 +626,7 @@ impl Store {
                 uses: Mutex::new(PackUse::default()),
                 sync_lock: Mutex::new(()),
                 poisoned: Mutex::new(HashSet::new()),
+                unsynced: Mutex::new(HashSet::new()),
                 cache: Mutex::new(lru::LruCache::new(cache_entries(DEFAULT_READ_CACHE, block_size))),
                 cache_budget: Mutex::new(CacheBudget {
                     own: DEFAULT_READ_CACHE,
@@ -886,6 +894,7 @@ impl Store {
                 self.retire(id);
                 return Err(Error::io(format!("appending to pack {id}"), e));
             }
+            self.inner.unsynced.lock().unwrap().insert(id);
             w.active = Some((id, off));
         }
         Ok(locs)
@@ -907,6 +916,7 @@ impl Store {
             .map_err(|e| Error::io(format!("creating pack {id}"), e))?;
         p.append(id, pack::pack_header().as_slice())
             .map_err(|e| Error::io(format!("writing pack {id} header"), e))?;
+        self.inner.unsynced.lock().unwrap().insert(id);
         debug!(pack = id, "new pack");
         Ok(id)
     }
@@ -926,6 +936,12 @@ impl Store {
                     context: format!("committing: an earlier write or sync of pack {id} failed"),
                     source: io::Error::other("pack abandoned after an I/O error"),
                 });
+            }
+            // Nothing appended since its last good sync: durable already.
+            // (An append that lands while the sync below runs marks it again:
+            // the flag goes before the sync starts.)
+            if !self.inner.unsynced.lock().unwrap().remove(&id) {
+                continue;
             }
             // A sync that panicked may or may not have reached the disk: a
             // failed one, whatever it was.
