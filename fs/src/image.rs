@@ -2584,6 +2584,32 @@ mod tests {
     }
 
     #[test]
+    fn a_pack_that_cannot_be_started_leaves_nothing_behind() {
+        // On a full disk every seal job tries to start a pack: none may
+        // leave a file, a claim or a row behind.
+        use crate::backend::PackStorage as _;
+        let faults = FaultPacks::new(MemPacks::new());
+        let (d, s) = store_on(faults.clone());
+        faults.set_plan(FaultPlan {
+            enospc_after_bytes: Some(0),
+            ..Default::default()
+        });
+        for i in 0..20 {
+            let e = append_one(&s, &noise(i, 4096)).unwrap_err();
+            assert!(e.to_string().contains("header"), "{e}");
+        }
+        assert_eq!(faults.list().unwrap(), Vec::<PackId>::new(), "pack files left behind");
+        let c = rusqlite::Connection::open(d.path().join("meta.db")).unwrap();
+        let rows: i64 = c.query_row("SELECT count(*) FROM packs", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 0, "pack rows left behind");
+        // Room again: appends go on.
+        faults.set_plan(FaultPlan::default());
+        let (h, loc) = append_one(&s, &noise(99, 4096)).unwrap();
+        s.sync_packs([loc.pack]).unwrap();
+        assert_eq!(s.read_record(&h, &loc).unwrap(), noise(99, 4096));
+    }
+
+    #[test]
     fn a_pack_whose_sync_failed_is_not_appended_to_again() {
         let faults = FaultPacks::new(MemPacks::new());
         let (_d, s) = store_on(faults.clone());

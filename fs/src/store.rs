@@ -912,10 +912,25 @@ impl Store {
             db.last_insert_rowid() as PackId
         };
         let p = &self.inner.packs;
+        // A pack that could not be made leaves nothing behind: no row, no
+        // file, no claim (on a full disk every seal job tries again, and
+        // claimed descriptors are not bounded by the descriptor cache).
+        let abandon = |e: io::Error, context: String, made: bool| {
+            if made {
+                if let Err(re) = p.remove(id) {
+                    warn!(pack = id, error = %re, "removing a pack that could not be started");
+                    p.release(id);
+                }
+            }
+            if let Err(de) = self.db().execute("DELETE FROM packs WHERE id = ?1", [id as i64]) {
+                warn!(pack = id, error = %de, "dropping the row of a pack that could not be started");
+            }
+            Error::io(context, e)
+        };
         p.create(id)
-            .map_err(|e| Error::io(format!("creating pack {id}"), e))?;
+            .map_err(|e| abandon(e, format!("creating pack {id}"), false))?;
         p.append(id, pack::pack_header().as_slice())
-            .map_err(|e| Error::io(format!("writing pack {id} header"), e))?;
+            .map_err(|e| abandon(e, format!("writing pack {id} header"), true))?;
         self.inner.unsynced.lock().unwrap().insert(id);
         debug!(pack = id, "new pack");
         Ok(id)
