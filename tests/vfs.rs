@@ -536,6 +536,46 @@ fn a_seal_job_failing_while_a_writer_waits_is_reported_by_the_next_fsync() {
 /// write is dropped (never a part of one), the next fsync says so with the
 /// sync's EIO, and writing goes on into a fresh pack.
 #[test]
+fn a_writers_failed_flush_taken_by_a_truncate_is_reported_by_the_writers_fsync() {
+    // A write's flush runs with the image unlocked; a truncate from another
+    // thread can be the call that takes its result. The flush's failure
+    // dropped the writer's acknowledged writes: the writer's fsync says so.
+    let (_dir, packs, v, fh, _kept) = image_with_a_committed_block(4 * BS as usize);
+    let ino = v.lookup(ROOT_INO, "img").unwrap().ino;
+    packs.hold_syncs(true);
+    std::thread::scope(|sc| {
+        let writer = sc.spawn(|| {
+            for b in 1..=8u64 {
+                v.write(fh, b * BS, &noise(b + 1, BS as usize)).unwrap();
+            }
+        });
+        let t0 = std::time::Instant::now();
+        while packs.syncs_held() == 0 {
+            assert!(t0.elapsed().as_secs() < 20, "no flush started");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The truncate takes the image and waits for the flush in flight.
+        let truncate = sc.spawn(|| v.set_size(ino, 64 * BS));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        packs.set_plan(FaultPlan {
+            fail_sync_at: Some(0),
+            ..Default::default()
+        });
+        packs.hold_syncs(false);
+        writer.join().unwrap();
+        let e = truncate.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "the truncate did not meet the flush: {e}");
+    });
+    let e = v.fsync(fh).unwrap_err();
+    assert!(
+        matches!(e, Error::WritesLost { ref image, .. } if image == "img"),
+        "the lost writes went unreported: {e}"
+    );
+    v.fsync(fh).unwrap();
+    v.release(fh).unwrap();
+}
+
+#[test]
 fn a_flush_failing_inside_a_write_is_reported_by_the_next_fsync() {
     // Two sealed blocks start a flush.
     let (dir, packs, v, fh, kept) = image_with_a_committed_block(4 * BS as usize);

@@ -310,6 +310,8 @@ pub struct ImageHandle {
     writes: u64,
     /// Bumped by every reset: results of jobs taken before it are dropped.
     epoch: u64,
+    /// Resets forced by failures (see [`ImageHandle::failures`]).
+    failures: u64,
     jobs: Arc<JobState>,
     staged: BTreeMap<u64, Staged>,
     /// Blocks this handle appended and has not committed (not indexed yet).
@@ -826,6 +828,7 @@ impl ImageHandle {
             seal_gen: 0,
             writes: 0,
             epoch: 0,
+            failures: 0,
             jobs: Arc::default(),
             staged: BTreeMap::new(),
             new_blocks: Arc::default(),
@@ -1562,6 +1565,20 @@ impl ImageHandle {
 
     // -------------------------------------------------------------- commit
 
+    /// Drop every uncommitted change because something failed (counted:
+    /// [`ImageHandle::failures`]).
+    fn reset_failed(&mut self) {
+        self.failures += 1;
+        self.reset();
+    }
+
+    /// How many times a failure (this handle's or its background work's:
+    /// a seal job, a flush) dropped the uncommitted changes. Whoever
+    /// acknowledged those writes must report the loss.
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
     fn reset(&mut self) {
         // A flush in flight may still commit: take its version first (its
         // failure drops no more than this does).
@@ -1713,7 +1730,7 @@ impl ImageHandle {
         match self.take_job(keys) {
             Ok(job) => Ok(Some(job)),
             Err(e) => {
-                self.reset(); // as a failed job would: the caller reports the loss
+                self.reset_failed(); // as a failed job would: the caller reports the loss
                 Err(e)
             }
         }
@@ -1740,7 +1757,7 @@ impl ImageHandle {
         self.account_memory(); // (what applied outputs stopped holding)
         match err {
             Some(e) => {
-                self.reset();
+                self.reset_failed();
                 Err(e)
             }
             None => Ok(()),
@@ -1792,7 +1809,7 @@ impl ImageHandle {
     fn seal_or_reset(&mut self) -> Result<()> {
         let r = self.seal();
         if r.is_err() {
-            self.reset();
+            self.reset_failed();
         }
         r
     }
@@ -1818,7 +1835,7 @@ impl ImageHandle {
         self.store.check_writable()?;
         let r = self.try_commit();
         if r.is_err() {
-            self.reset();
+            self.reset_failed();
         }
         r
     }
@@ -1892,7 +1909,7 @@ impl ImageHandle {
         let c = match f.outcome.wait() {
             Ok(c) => c,
             Err(e) => {
-                self.reset();
+                self.reset_failed();
                 return Err(e);
             }
         };
@@ -3116,6 +3133,36 @@ mod tests {
         drop(h);
         check_model(&s.open_image("a").unwrap(), &model, bs);
         assert_eq!(s.pins(), 0, "a pack pin leaked");
+    }
+
+    #[test]
+    fn a_failed_flush_taken_by_a_resize_is_counted_as_a_failure() {
+        // A flush runs with the handle free: a resize (a truncate from
+        // another file handle) can be the call that takes its result. The
+        // writes it dropped must be counted, so their writer hears of it.
+        use crate::backend::{FaultPacks, FaultPlan};
+        let faults = FaultPacks::new(MemPacks::new());
+        let (_d, s) = store_on(faults.clone());
+        let bs = s.block_size() as usize;
+        s.create_image("a", 8 * bs as u64).unwrap();
+        let mut h = s.open_image("a").unwrap();
+        h.write(0, &noise(1, bs)).unwrap();
+        let v1 = h.commit().unwrap().version;
+        h.write(bs as u64, &noise(2, bs)).unwrap();
+        h.seal_job(0).unwrap().unwrap().run();
+        let f = h.begin_flush().unwrap().unwrap();
+        faults.set_plan(FaultPlan {
+            fail_sync_at: Some(0),
+            ..Default::default()
+        });
+        let _ticket = f.run();
+        faults.set_plan(FaultPlan::default());
+        assert_eq!(h.failures(), 0);
+        let e = h.set_size(16 * bs as u64).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert_eq!(h.failures(), 1, "the dropped writes were not counted");
+        assert_eq!(h.version(), v1);
+        assert!(!h.is_dirty());
     }
 
     #[test]

@@ -497,6 +497,26 @@ impl Vfs {
         r.map(|_| ())
     }
 
+    /// `f` on `o`'s locked handle; if it failed and that dropped the
+    /// uncommitted writes (its own failure, or a flush's or a seal job's it
+    /// picked up: a `truncate` can be the one to meet a writer's failed
+    /// flush), the next `fsync` of every file handle reports the loss.
+    fn on_handle<T>(
+        &self,
+        o: &OpenImage,
+        h: &mut ImageHandle,
+        f: impl FnOnce(&mut ImageHandle) -> Result<T>,
+    ) -> Result<T> {
+        let before = h.failures();
+        let r = f(h);
+        if let Err(e) = &r {
+            if h.failures() != before {
+                self.writes_lost(o, h.name(), e);
+            }
+        }
+        r
+    }
+
     /// Record that background work on `o` failed and dropped its uncommitted writes.
     fn writes_lost(&self, o: &OpenImage, image: &str, e: &Error) {
         warn!(image, error = %e, "uncommitted writes were dropped; the next fsync reports it");
@@ -589,7 +609,7 @@ impl Vfs {
         let limit = self.cfg.dirty_limit;
         let (commit, job, flush, full) = {
             let mut h = o.handle.write().unwrap();
-            h.write(offset, data)?;
+            self.on_handle(&o, &mut h, |h| h.write(offset, data))?;
             self.mark_dirty(&o);
             // This write is done. A failure now is background work's (an
             // earlier job, reading old contents to merge, a flush): it
@@ -685,7 +705,7 @@ impl Vfs {
         match open {
             Some(o) => {
                 let mut h = o.handle.write().unwrap();
-                h.set_size(size)?;
+                self.on_handle(&o, &mut h, |h| h.set_size(size))?;
                 self.mark_dirty(&o);
             }
             None => {
@@ -709,12 +729,15 @@ impl Vfs {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| Error::InvalidArgument("fallocate range overflows".into()))?;
-        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
-            h.punch(offset, len)?;
-        }
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > h.size() {
-            h.set_size(end)?;
-        }
+        self.on_handle(&o, &mut h, |h| {
+            if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+                h.punch(offset, len)?;
+            }
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > h.size() {
+                h.set_size(end)?;
+            }
+            Ok(())
+        })?;
         self.mark_dirty(&o);
         Ok(())
     }
@@ -737,16 +760,16 @@ impl Vfs {
         let (ino_out, dst) = self.file(fh_out)?;
         let n = if ino_in == ino_out {
             let mut h = dst.handle.write().unwrap();
-            copy_blocks(None, &mut h, off_in, off_out, len)?
+            self.on_handle(&dst, &mut h, |h| copy_blocks(None, h, off_in, off_out, len))?
         } else if ino_in < ino_out {
             // Locks in inode order: two copies in opposite directions cannot deadlock.
             let from = src.handle.read().unwrap();
             let mut to = dst.handle.write().unwrap();
-            copy_blocks(Some(&from), &mut to, off_in, off_out, len)?
+            self.on_handle(&dst, &mut to, |to| copy_blocks(Some(&from), to, off_in, off_out, len))?
         } else {
             let mut to = dst.handle.write().unwrap();
             let from = src.handle.read().unwrap();
-            copy_blocks(Some(&from), &mut to, off_in, off_out, len)?
+            self.on_handle(&dst, &mut to, |to| copy_blocks(Some(&from), to, off_in, off_out, len))?
         };
         self.mark_dirty(&dst);
         let full = dst.handle.read().unwrap().pending_bytes() >= self.cfg.dirty_limit;
