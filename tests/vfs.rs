@@ -188,6 +188,38 @@ fn copy_file_range_shares_blocks() {
 }
 
 #[test]
+fn a_copy_of_unaligned_bytes_is_bounded_by_the_dirty_limit() {
+    // Offsets not aligned alike: every byte is copied into dirty memory, so
+    // one call copies at most half the dirty limit; callers loop.
+    let (_d, s) = geosync_suite::kit::disk_store(BS as u32);
+    let v = Vfs::new(
+        s,
+        VfsConfig {
+            dirty_limit: 8 * BS as usize,
+            ..Default::default()
+        },
+    );
+    let (_, fa) = v.create(ROOT_INO, "a").unwrap();
+    let data = noise(7, 64 * BS as usize);
+    v.write(fa, 0, &data).unwrap();
+    v.fsync(fa).unwrap();
+    let (_, fb) = v.create(ROOT_INO, "b").unwrap();
+    let (mut done, mut calls) = (0u64, 0);
+    while done < 63 * BS {
+        let n = v.copy_range(fa, done + 100, fb, done, 63 * BS - done).unwrap();
+        assert!(n > 0 && n <= 4 * BS, "copied {n} bytes in one call");
+        done += n;
+        calls += 1;
+    }
+    assert!(calls >= 16, "{calls} calls");
+    v.fsync(fb).unwrap();
+    assert_eq!(
+        v.read(fb, 0, (63 * BS) as u32).unwrap(),
+        data[100..100 + (63 * BS) as usize]
+    );
+}
+
+#[test]
 fn snapshots_are_read_only_files_and_unlink_deletes_them() {
     let (_d, v) = vfs();
     let (a, fh) = v.create(ROOT_INO, "img").unwrap();

@@ -754,10 +754,23 @@ impl Vfs {
     }
 
     /// `copy_file_range(2)` inside the mount: whole blocks are shared (a
-    /// clone, not a copy); unaligned edges are copied.
+    /// clone, not a copy); unaligned edges are copied. A copy whose bytes
+    /// must be copied (the two offsets not aligned alike, or overlapping
+    /// ranges) copies at most half the dirty limit per call: those bytes
+    /// are dirty memory (the kernel passes up to 4 GiB), and the count is
+    /// short, as `copy_file_range` allows (callers loop).
     pub fn copy_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> Result<u64> {
         let (ino_in, src) = self.file(fh_in)?;
         let (ino_out, dst) = self.file(fh_out)?;
+        let bs = self.store.block_size();
+        let overlap = ino_in == ino_out
+            && off_in < off_out.saturating_add(len)
+            && off_out < off_in.saturating_add(len);
+        let len = if off_in % bs != off_out % bs || overlap {
+            len.min((self.cfg.half_limit() as u64 / bs * bs).max(bs))
+        } else {
+            len
+        };
         let n = if ino_in == ino_out {
             let mut h = dst.handle.write().unwrap();
             self.on_handle(&dst, &mut h, |h| copy_blocks(None, h, off_in, off_out, len))?
