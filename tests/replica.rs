@@ -1,6 +1,7 @@
 //! The store's side of replication, without a network: received blocks are
 //! verified before they are kept (a padded payload that would verify but
-//! make an unreadable record is refused too), and a pulled version switches
+//! make an unreadable record is refused too, and so is a block of another
+//! block size), and a pulled version switches
 //! in one transaction, refusing an image open for writing or whose head moved.
 
 use geosync_fs::pack::{hash_block, seal, Compression, RECORD_HEADER_LEN};
@@ -25,8 +26,16 @@ fn received_blocks_are_verified_and_padded_payloads_refused() {
     padded.extend(vec![0u8; 70_000]);
     let mut flipped = raw.clone();
     flipped[100] ^= 1;
+    // A whole, valid block of another store's block size.
+    let small = raw[..4096].to_vec();
     let v = s
         .put_stored(vec![
+            IncomingBlock {
+                hash: hash_block(&small),
+                codec: 0,
+                raw_len: 4096,
+                payload: small,
+            },
             IncomingBlock {
                 hash: h,
                 codec: 1,
@@ -41,7 +50,7 @@ fn received_blocks_are_verified_and_padded_payloads_refused() {
             },
         ])
         .unwrap();
-    assert_eq!(v, vec![false, false]);
+    assert_eq!(v, vec![false, false, false]);
     assert_eq!(s.lacking(&[h]).unwrap(), vec![h], "nothing bad was kept");
     let v = s
         .put_stored(vec![IncomingBlock {

@@ -19,7 +19,8 @@ pub mod wire;
 use std::fmt;
 
 /// Version of the wire protocol, exchanged in the handshake (issue 4).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Hello` carries the sender's block size.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Identity of a node (a store / a site): 16 bytes. Once `syncd` exists this
 /// is the truncated BLAKE3 of the node's public key; a store created before a

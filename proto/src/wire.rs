@@ -55,6 +55,9 @@ pub enum Message {
         version: u32,
         /// The sender's node id (also pinned by its TLS certificate).
         node: NodeId,
+        /// The sender's store block size in bytes: maps are arrays of
+        /// blocks, so only stores with the same block size replicate.
+        block_size: u32,
     },
     /// "Send me catalog changes after sequence number `since`."
     CatalogRequest {
@@ -180,6 +183,8 @@ pub mod code {
     pub const NOT_FOUND: u16 = 404;
     /// The other side speaks another protocol version.
     pub const VERSION: u16 = 426;
+    /// The two stores' block sizes differ: they cannot replicate.
+    pub const BLOCK_SIZE: u16 = 412;
     /// The sender failed (store error); try again later.
     pub const INTERNAL: u16 = 500;
 }
@@ -313,10 +318,15 @@ impl Message {
         out.extend_from_slice(&[0; 4]);
         let mut w = Writer(out);
         match self {
-            Message::Hello { version, node } => {
+            Message::Hello {
+                version,
+                node,
+                block_size,
+            } => {
                 w.u8(K_HELLO);
                 w.u32(*version);
                 w.0.extend_from_slice(&node.0);
+                w.u32(*block_size);
             }
             Message::CatalogRequest { since } => {
                 w.u8(K_CATALOG_REQUEST);
@@ -432,6 +442,7 @@ impl Message {
             K_HELLO => Message::Hello {
                 version: r.u32()?,
                 node: NodeId(r.take(16)?.try_into().unwrap()),
+                block_size: r.u32()?,
             },
             K_CATALOG_REQUEST => Message::CatalogRequest { since: r.u64()? },
             K_CATALOG => {
@@ -547,9 +558,12 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u32>(), any::<[u8; 16]>()).prop_map(|(version, n)| Message::Hello {
-                version,
-                node: NodeId(n)
+            (any::<u32>(), any::<[u8; 16]>(), any::<u32>()).prop_map(|(version, n, block_size)| {
+                Message::Hello {
+                    version,
+                    node: NodeId(n),
+                    block_size,
+                }
             }),
             any::<u64>().prop_map(|since| Message::CatalogRequest { since }),
             (

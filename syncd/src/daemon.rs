@@ -915,9 +915,24 @@ async fn dial_loop(endpoint: Endpoint, shared: Arc<Shared>, peer: Peer) {
     }
 }
 
+/// This store's block size, as the handshake states it.
+fn block_size(shared: &Shared) -> u32 {
+    u32::try_from(shared.store.block_size()).unwrap_or(u32::MAX)
+}
+
+/// Why two nodes cannot replicate: their stores' block sizes differ.
+fn block_size_mismatch(me: NodeId, ours: u32, peer: NodeId, theirs: u32) -> String {
+    format!(
+        "block sizes differ: node {me} stores {ours}-byte blocks, node {peer} {theirs}-byte \
+         blocks; stores replicate only with the same block size (`geosync init --block-size`)"
+    )
+}
+
 async fn dial(endpoint: &Endpoint, shared: &Shared, peer: &Peer) -> Result<Connection, String> {
     let conn = net::connect(endpoint, &shared.identity, peer.id, peer.address).await?;
-    // Hello both ways: versions must match, and the id must be the pinned one.
+    // Hello both ways: versions and block sizes must match, and the id must
+    // be the pinned one.
+    let ours = block_size(shared);
     let hello = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         write_frame(
@@ -925,14 +940,26 @@ async fn dial(endpoint: &Endpoint, shared: &Shared, peer: &Peer) -> Result<Conne
             &Message::Hello {
                 version: PROTOCOL_VERSION,
                 node: shared.me,
+                block_size: ours,
             },
         )
         .await
         .map_err(|e| e.to_string())?;
         let _ = send.finish();
         match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
-            Some((Message::Hello { version, node }, _)) if version == PROTOCOL_VERSION && node == peer.id => {
-                Ok(())
+            Some((
+                Message::Hello {
+                    version,
+                    node,
+                    block_size,
+                },
+                _,
+            )) if version == PROTOCOL_VERSION && node == peer.id => {
+                if block_size == ours {
+                    Ok(())
+                } else {
+                    Err(block_size_mismatch(shared.me, ours, peer.id, block_size))
+                }
             }
             Some((Message::Hello { version, .. }, _)) if version != PROTOCOL_VERSION => Err(format!(
                 "peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}"
@@ -1060,7 +1087,13 @@ async fn serve_stream(
         Err(FrameError::Read(_)) => return,
         Err(e) => return violation(e.to_string()),
     }
-    if let Message::Hello { version, node } = &req {
+    if let Message::Hello {
+        version,
+        node,
+        block_size: theirs,
+    } = &req
+    {
+        let ours = block_size(&shared);
         let reply = if *version != PROTOCOL_VERSION {
             Message::Error {
                 code: code::VERSION,
@@ -1068,10 +1101,18 @@ async fn serve_stream(
             }
         } else if *node != peer {
             return violation(format!("Hello names node {node} but its certificate is {peer}"));
+        } else if *theirs != ours {
+            let message = block_size_mismatch(shared.me, ours, peer, *theirs);
+            warn!(%peer, "{message}");
+            Message::Error {
+                code: code::BLOCK_SIZE,
+                message,
+            }
         } else {
             Message::Hello {
                 version: PROTOCOL_VERSION,
                 node: shared.me,
+                block_size: ours,
             }
         };
         if send_frame(&shared, peer, &mut send, reply).await {

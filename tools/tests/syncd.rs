@@ -900,7 +900,37 @@ fn unknown_peers_forbidden_images_and_malformed_frames_are_refused() {
     c.stop();
 }
 
-/// Readiness goes to systemd (`NOTIFY_SOCKET`) once the daemon listens, and
+/// Maps are arrays of blocks: stores with different block sizes cannot
+/// replicate. Each side refuses the other at the handshake and says why;
+/// nothing moves.
+#[test]
+fn sites_with_different_block_sizes_refuse_each_other() {
+    let t = tempfile::tempdir().unwrap();
+    let o = gs(&t.path().join("d"), &["init", "--block-size", "16K"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut a = Site::new(t.path(), "a");
+    let mut d = Site::new(t.path(), "d");
+    a.configure(&[peer(&d)], "");
+    d.configure(&[peer(&a)], "");
+    let img = ext4_image(t.path(), "64M", 1, 11);
+    import(&a, "img", &img);
+    import(&d, "other", &img);
+    a.start();
+    d.start();
+    let why = "stores replicate only with the same block size";
+    wait_until("both sides to refuse the other", Duration::from_secs(30), &[&a, &d], || {
+        fs::read_to_string(&a.log).unwrap().contains(why) && fs::read_to_string(&d.log).unwrap().contains(why)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(d.stamp("img"), None, "a 64 KiB-block image reached a 16 KiB-block store");
+    assert_eq!(a.stamp("other"), None, "a 16 KiB-block image reached a 64 KiB-block store");
+    let log = fs::read_to_string(&a.log).unwrap();
+    assert!(log.contains("65536-byte blocks") && log.contains("16384-byte"), "{log}");
+    a.stop();
+    d.stop();
+}
+
+/// Readiness goes to systemd (`NOTIFY_SOCKET`) once the daemon listens, and/// Readiness goes to systemd (`NOTIFY_SOCKET`) once the daemon listens, and
 /// SIGTERM stops it cleanly (exit 0, control socket removed).
 #[test]
 fn sd_notify_ready_then_clean_sigterm() {

@@ -217,8 +217,10 @@ impl Store {
                 Some(Codec::Zstd) => b.payload.len() < b.raw_len as usize,
                 None => false,
             };
+            // Every block of a store is one block long (a peer with another
+            // block size is refused at the handshake: this is the backstop).
             let good = match codec {
-                Some(c) if sane && b.raw_len > 0 && b.raw_len <= pack::MAX_BLOCK => {
+                Some(c) if sane && u64::from(b.raw_len) == self.block_size() => {
                     pack::open(&b.payload, c, b.raw_len, &b.hash).is_ok()
                 }
                 _ => false,
