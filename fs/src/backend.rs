@@ -477,6 +477,9 @@ pub struct FaultPlan {
     /// Panic in the n-th `sync` from now (a bug below the store), before
     /// anything is synced.
     pub panic_sync_at: Option<u64>,
+    /// `list` also names this pack, which is not there (another process
+    /// removed it after the listing).
+    pub listed_but_gone: Option<PackId>,
 }
 
 #[derive(Debug, Default)]
@@ -566,7 +569,9 @@ fn eio(what: &str) -> io::Error {
 
 impl<S: PackStorage> PackStorage for FaultPacks<S> {
     fn list(&self) -> io::Result<Vec<PackId>> {
-        self.inner.list()
+        let mut ids = self.inner.list()?;
+        ids.extend(self.state.lock().unwrap().plan.listed_but_gone);
+        Ok(ids)
     }
     fn create(&self, id: PackId) -> io::Result<()> {
         self.inner.create(id)?;

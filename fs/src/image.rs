@@ -2627,6 +2627,29 @@ mod tests {
     }
 
     #[test]
+    fn opening_read_write_skips_a_pack_removed_while_it_recovers() {
+        // A GC in another process removes a pack (file, then row) between
+        // the listing of packs and the look at each: the open goes on, and
+        // still cuts the torn tail of the pack that is there.
+        let faults = FaultPacks::new(MemPacks::new());
+        let (d, s) = store_on(faults.clone());
+        let (_, loc) = append_one(&s, &noise(1, 4096)).unwrap(); // never committed
+        drop(s);
+        let db = d.path().join("meta.db");
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute("INSERT INTO packs(id, committed_len) VALUES (77, 4096)", []).unwrap();
+        drop(c);
+        faults.set_plan(FaultPlan {
+            listed_but_gone: Some(77),
+            ..Default::default()
+        });
+        let s = Store::open_with(&db, Box::new(faults.clone()), OpenMode::ReadWrite).unwrap();
+        use crate::backend::PackStorage as _;
+        assert_eq!(faults.len(loc.pack).unwrap(), pack::PACK_DATA_START, "the torn tail was not cut");
+        drop(s);
+    }
+
+    #[test]
     fn a_pack_whose_sync_failed_is_not_appended_to_again() {
         let faults = FaultPacks::new(MemPacks::new());
         let (_d, s) = store_on(faults.clone());

@@ -662,30 +662,40 @@ impl Store {
                 .collect::<rusqlite::Result<_>>()?;
             rows
         };
+        // A GC in another process may remove a pack (file, then row) while
+        // this runs: one gone by the time it is looked at is skipped.
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         for &id in &files {
             let Some(&committed) = rows.get(&id) else { continue };
-            let len = self
-                .inner
-                .packs
-                .len(id)
-                .map_err(|e| Error::io(format!("reading pack {id}"), e))?;
+            let len = match self.inner.packs.len(id) {
+                Ok(len) => len,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(Error::io(format!("reading pack {id}"), e)),
+            };
             if len == committed {
                 continue;
             }
-            if !self
-                .inner
-                .packs
-                .try_claim(id)
-                .map_err(|e| Error::io(format!("claiming pack {id}"), e))?
-            {
-                continue; // another live process is appending to it
+            match self.inner.packs.try_claim(id) {
+                Ok(true) => {}
+                Ok(false) => continue, // another live process is appending to it
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(Error::io(format!("claiming pack {id}"), e)),
             }
             // Its owner may have committed between our read and the claim.
-            let committed: u64 = self.db().query_row(
-                "SELECT committed_len FROM packs WHERE id = ?1",
-                [id as i64],
-                |r| r.get::<_, i64>(0),
-            )? as u64;
+            let committed: Option<i64> = self
+                .db()
+                .query_row(
+                    "SELECT committed_len FROM packs WHERE id = ?1",
+                    [id as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .inspect_err(|_| self.inner.packs.release(id))?;
+            let Some(committed) = committed else {
+                self.inner.packs.release(id); // removed meanwhile
+                continue;
+            };
+            let committed = committed as u64;
             if len > committed {
                 info!(pack = id, len, committed, "cutting uncommitted pack tail");
                 let r = self.inner.packs.truncate(id, committed);
