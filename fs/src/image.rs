@@ -873,6 +873,16 @@ impl ImageHandle {
         self.ensure_lease()
     }
 
+    /// Give up the right to write if nothing is uncommitted (the next write
+    /// or [`ImageHandle::acquire`] takes it again). `false` if kept.
+    pub fn release_lease(&mut self) -> bool {
+        if self.is_dirty() || self.inflight.is_some() {
+            return false;
+        }
+        self.lease = None;
+        true
+    }
+
     fn ensure_lease(&mut self) -> Result<()> {
         self.check_writable()?;
         if self.lease.is_none() {

@@ -567,6 +567,17 @@ impl Vfs {
             // release (the kernel sends RELEASE after close() returns) reuses the
             // handle and its writer lease instead of finding the image busy.
             let r = self.commit_open(&o).and_then(|()| Self::lost_since(&o, seen));
+            {
+                // The right to write goes with the last close, not with the
+                // last reference: the commit sweep or a `getattr` may hold
+                // `o` a while yet, and a reopen (a VM restarted) must not
+                // find the image busy. An open that reuses `o` meanwhile
+                // takes it again.
+                let mut h = o.handle.write().unwrap();
+                if o.opens.load(Ordering::SeqCst) == 0 {
+                    h.release_lease();
+                }
+            }
             let mut open = self.open.lock().unwrap();
             if o.opens.load(Ordering::SeqCst) == 0 && open.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &o)) {
                 open.remove(&ino);
@@ -1009,4 +1020,30 @@ fn copy_blocks(
         copy_bytes(dst, off_in + done, off_out + done, len - done)?;
     }
     Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_close_gives_up_the_right_to_write() {
+        // Something else (the commit sweep) still holds the open image when
+        // the last file handle closes: a reopen for writing must succeed.
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::init(d.path(), &crate::InitOptions::default()).unwrap();
+        let v = Vfs::new(s, VfsConfig::default());
+        let (attr, fh) = v.create(ROOT_INO, "img").unwrap();
+        let ino = attr.ino;
+        v.write(fh, 0, &[7; 4096]).unwrap();
+        let held = v.open.lock().unwrap().get(&ino).cloned().unwrap();
+        v.release(fh).unwrap();
+        let fh = v.open(ino, true).unwrap();
+        v.write(fh, 4096, &[8; 4096]).unwrap();
+        v.fsync(fh).unwrap();
+        v.release(fh).unwrap();
+        drop(held);
+        let fh = v.open(ino, false).unwrap();
+        assert_eq!(v.read(fh, 0, 8192).unwrap(), [[7u8; 4096], [8u8; 4096]].concat());
+    }
 }
