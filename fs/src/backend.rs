@@ -480,6 +480,8 @@ pub struct FaultPlan {
     /// `list` also names this pack, which is not there (another process
     /// removed it after the listing).
     pub listed_but_gone: Option<PackId>,
+    /// Every read panics (a bug below the store).
+    pub panic_reads: bool,
 }
 
 #[derive(Debug, Default)]
@@ -622,6 +624,9 @@ impl<S: PackStorage> PackStorage for FaultPacks<S> {
         self.inner.len(id)
     }
     fn read_at(&self, id: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.state.lock().unwrap().plan.panic_reads {
+            panic!("injected panic in a read of pack {id}");
+        }
         self.inner.read_at(id, offset, buf)
     }
     fn truncate(&self, id: PackId, len: u64) -> io::Result<()> {

@@ -92,7 +92,8 @@ impl Filesystem for Fuse {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = debug_span!("lookup", req = req.unique().0, ino = parent.0, pid = req.pid()).entered();
-        let r = name_str(name).and_then(|n| self.vfs.lookup(parent.0, n).map_err(|e| errno(&e)));
+        let r = name_str(name)
+            .and_then(|n| guarded("lookup", || self.vfs.lookup(parent.0, n)).map_err(|e| errno(&e)));
         match r {
             Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
             Err(e) => reply.error(e),
@@ -101,7 +102,7 @@ impl Filesystem for Fuse {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", req = req.unique().0, ino = ino.0, pid = req.pid()).entered();
-        match self.vfs.getattr(ino.0) {
+        match guarded("getattr", || self.vfs.getattr(ino.0)) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -135,8 +136,8 @@ impl Filesystem for Fuse {
         .entered();
         // Only the size is stored; mode, owner and times are accepted and ignored.
         let r = match size {
-            Some(s) => self.vfs.set_size(ino.0, s),
-            None => self.vfs.getattr(ino.0),
+            Some(s) => guarded("set_size", || self.vfs.set_size(ino.0, s)),
+            None => guarded("getattr", || self.vfs.getattr(ino.0)),
         };
         match r {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
@@ -146,7 +147,9 @@ impl Filesystem for Fuse {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("unlink", req = req.unique().0, ino = parent.0, pid = req.pid()).entered();
-        match name_str(name).and_then(|n| self.vfs.unlink(parent.0, n).map_err(|e| errno(&e))) {
+        match name_str(name)
+            .and_then(|n| guarded("unlink", || self.vfs.unlink(parent.0, n)).map_err(|e| errno(&e)))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -183,7 +186,7 @@ impl Filesystem for Fuse {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("open", req = req.unique().0, ino = ino.0, pid = req.pid()).entered();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match self.vfs.open(ino.0, write) {
+        match guarded("open", || self.vfs.open(ino.0, write)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
@@ -200,7 +203,9 @@ impl Filesystem for Fuse {
         reply: ReplyCreate,
     ) {
         let _s = debug_span!("create", req = req.unique().0, ino = parent.0, pid = req.pid()).entered();
-        match name_str(name).and_then(|n| self.vfs.create(parent.0, n).map_err(|e| errno(&e))) {
+        match name_str(name)
+            .and_then(|n| guarded("create", || self.vfs.create(parent.0, n)).map_err(|e| errno(&e)))
+        {
             Ok((a, fh)) => reply.created(
                 &TTL,
                 &self.attr(&a),
@@ -234,7 +239,9 @@ impl Filesystem for Fuse {
             if b.len() < size as usize {
                 b.resize(size as usize, 0);
             }
-            match self.vfs.read_into(fh.0, offset, &mut b[..size as usize]) {
+            match guarded("read_into", || {
+                self.vfs.read_into(fh.0, offset, &mut b[..size as usize])
+            }) {
                 Ok(n) => reply.data(&b[..n]),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -261,7 +268,7 @@ impl Filesystem for Fuse {
             len = data.len()
         )
         .entered();
-        match self.vfs.write(fh.0, offset, data) {
+        match guarded("write", || self.vfs.write(fh.0, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
@@ -269,7 +276,7 @@ impl Filesystem for Fuse {
 
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let _s = debug_span!("flush", req = req.unique().0, ino = ino.0).entered();
-        match self.vfs.fsync(fh.0) {
+        match guarded("fsync", || self.vfs.fsync(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -286,7 +293,7 @@ impl Filesystem for Fuse {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("release", req = req.unique().0, ino = ino.0).entered();
-        match self.vfs.release(fh.0) {
+        match guarded("release", || self.vfs.release(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -294,7 +301,7 @@ impl Filesystem for Fuse {
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let _s = debug_span!("fsync", req = req.unique().0, ino = ino.0).entered();
-        match self.vfs.fsync(fh.0) {
+        match guarded("fsync", || self.vfs.fsync(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -306,7 +313,7 @@ impl Filesystem for Fuse {
 
     fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
-        let entries = match self.vfs.readdir(ino.0) {
+        let entries = match guarded("readdir", || self.vfs.readdir(ino.0)) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
@@ -351,7 +358,7 @@ impl Filesystem for Fuse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.vfs.statfs() {
+        match guarded("statfs", || self.vfs.statfs()) {
             Ok(s) => reply.statfs(
                 s.blocks,
                 s.bfree,
@@ -385,7 +392,7 @@ impl Filesystem for Fuse {
             mode
         )
         .entered();
-        match self.vfs.fallocate(fh.0, offset, length, mode) {
+        match guarded("fallocate", || self.vfs.fallocate(fh.0, offset, length, mode)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -409,7 +416,7 @@ impl Filesystem for Fuse {
         if offset < 0 {
             return reply.error(Errno::ENXIO);
         }
-        match self.vfs.seek(fh.0, offset as u64, data) {
+        match guarded("seek", || self.vfs.seek(fh.0, offset as u64, data)) {
             Ok(Some(o)) => reply.offset(o as i64),
             Ok(None) => reply.error(Errno::ENXIO),
             Err(e) => reply.error(errno(&e)),
@@ -431,7 +438,9 @@ impl Filesystem for Fuse {
     ) {
         let _s = debug_span!("copy_file_range", req = req.unique().0, ino = ino_in.0, len).entered();
         let len = len.min(u32::MAX as u64 & !0xfff);
-        match self.vfs.copy_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+        match guarded("copy_range", || {
+            self.vfs.copy_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        }) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
@@ -456,4 +465,31 @@ pub fn mount_config(threads: usize) -> Config {
 /// the returned handle is dropped or `umount_and_join` is called.
 pub fn spawn(vfs: Arc<Vfs>, mountpoint: &Path, threads: usize) -> std::io::Result<fuser::BackgroundSession> {
     fuser::spawn_mount(Fuse::new(vfs), mountpoint, &mount_config(threads))
+}
+
+/// `f`, with a panic in it turned into an error (`EIO` to the kernel) and
+/// logged: a bug met by one request must not take the mount, and every VM
+/// disk on it, down (a fuser worker that dies ends the session). An image
+/// whose lock the panic left poisoned drops its uncommitted writes and
+/// reports that to their writers ([`Vfs`]).
+fn guarded<T>(op: &str, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = crate::panic_message(&*p);
+        tracing::error!(op, panic = %msg, "a request panicked; answered with EIO");
+        Err(Error::Internal(format!("{op} panicked: {msg}")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_request_is_answered_with_eio() {
+        let r: Result<(), Error> = guarded("write", || panic!("a bug"));
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("write panicked: a bug"), "{e}");
+        assert_eq!(errno(&e), Errno::EIO);
+        assert_eq!(guarded("read", || Ok(7)).unwrap(), 7);
+    }
 }

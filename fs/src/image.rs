@@ -2607,7 +2607,10 @@ mod tests {
         assert_eq!(faults.syncs(), 2, "a pack written since its sync was not synced");
         // What a crash keeps is what the syncs made durable.
         faults.crash();
-        assert_eq!(s.read_record(&pack::hash_block(&noise(2, 4096)), &b).unwrap(), noise(2, 4096));
+        assert_eq!(
+            s.read_record(&pack::hash_block(&noise(2, 4096)), &b).unwrap(),
+            noise(2, 4096)
+        );
     }
 
     #[test]
@@ -2625,9 +2628,15 @@ mod tests {
             let e = append_one(&s, &noise(i, 4096)).unwrap_err();
             assert!(e.to_string().contains("header"), "{e}");
         }
-        assert_eq!(faults.list().unwrap(), Vec::<PackId>::new(), "pack files left behind");
+        assert_eq!(
+            faults.list().unwrap(),
+            Vec::<PackId>::new(),
+            "pack files left behind"
+        );
         let c = rusqlite::Connection::open(d.path().join("meta.db")).unwrap();
-        let rows: i64 = c.query_row("SELECT count(*) FROM packs", [], |r| r.get(0)).unwrap();
+        let rows: i64 = c
+            .query_row("SELECT count(*) FROM packs", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(rows, 0, "pack rows left behind");
         // Room again: appends go on.
         faults.set_plan(FaultPlan::default());
@@ -2647,7 +2656,8 @@ mod tests {
         drop(s);
         let db = d.path().join("meta.db");
         let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute("INSERT INTO packs(id, committed_len) VALUES (77, 4096)", []).unwrap();
+        c.execute("INSERT INTO packs(id, committed_len) VALUES (77, 4096)", [])
+            .unwrap();
         drop(c);
         faults.set_plan(FaultPlan {
             listed_but_gone: Some(77),
@@ -2655,7 +2665,11 @@ mod tests {
         });
         let s = Store::open_with(&db, Box::new(faults.clone()), OpenMode::ReadWrite).unwrap();
         use crate::backend::PackStorage as _;
-        assert_eq!(faults.len(loc.pack).unwrap(), pack::PACK_DATA_START, "the torn tail was not cut");
+        assert_eq!(
+            faults.len(loc.pack).unwrap(),
+            pack::PACK_DATA_START,
+            "the torn tail was not cut"
+        );
         drop(s);
     }
 

@@ -972,7 +972,10 @@ impl Store {
             // failed one, whatever it was.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.packs.sync(id)))
                 .unwrap_or_else(|p| {
-                    Err(io::Error::other(format!("the sync panicked: {}", crate::panic_message(&*p))))
+                    Err(io::Error::other(format!(
+                        "the sync panicked: {}",
+                        crate::panic_message(&*p)
+                    )))
                 });
             if let Err(e) = r {
                 // The next append moves on to a new pack (and gives up the claim).

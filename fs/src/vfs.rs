@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -216,6 +216,44 @@ struct OpenImage {
     lost: Mutex<LostWrites>,
 }
 
+impl OpenImage {
+    /// The image handle, locked for writing. If an operation panicked while
+    /// holding it, what it left is not to be trusted: the uncommitted
+    /// changes are dropped (the next `fsync` of every file handle reports
+    /// it, as for any lost writes) and the image goes on from its last
+    /// committed version; the panic itself was answered with `EIO`.
+    fn write(&self) -> RwLockWriteGuard<'_, ImageHandle> {
+        match self.handle.write() {
+            Ok(h) => h,
+            Err(poisoned) => {
+                let mut h = poisoned.into_inner();
+                h.discard();
+                self.handle.clear_poison();
+                let cause = Error::Internal("an operation on the image panicked".into());
+                self.writes_lost(h.name(), &cause);
+                h
+            }
+        }
+    }
+
+    /// The image handle, locked for reading (recovered as by
+    /// [`OpenImage::write`] if an operation panicked holding it).
+    fn read(&self) -> RwLockReadGuard<'_, ImageHandle> {
+        if self.handle.is_poisoned() {
+            drop(self.write());
+        }
+        self.handle.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record that a failure dropped this image's uncommitted writes.
+    fn writes_lost(&self, image: &str, e: &Error) {
+        warn!(image, error = %e, "uncommitted writes were dropped; the next fsync reports it");
+        let mut lost = self.lost.lock().unwrap();
+        lost.0 += 1;
+        lost.1 = Some((image.to_string(), e.to_string(), e.errno()));
+    }
+}
+
 /// The mounted filesystem, independent of FUSE.
 pub struct Vfs {
     store: Store,
@@ -299,7 +337,7 @@ impl Vfs {
             _ => {
                 let open = self.open.lock().unwrap().get(&ino).cloned(); // table lock released here
                 if let Some(o) = open {
-                    return self.handle_attr(ino, &o.handle.read().unwrap());
+                    return self.handle_attr(ino, &o.read());
                 }
                 let h = match node {
                     Node::Image(name) => self.store.open_image(name)?,
@@ -433,7 +471,7 @@ impl Vfs {
         if write {
             // Outside the table lock: a commit holding this image must not stall other files.
             let r = {
-                let mut h = o.handle.write().unwrap();
+                let mut h = o.write();
                 h.acquire().map(|()| h.set_dirty_limit(usize::MAX)) // the mount decides when to commit
             };
             if let Err(e) = r {
@@ -480,11 +518,11 @@ impl Vfs {
         // on meanwhile, was tried: the mount's peak RSS passed 512 MiB, as
         // writers refill the dirty set while it is sealed, with no gain in
         // throughput measured. Seal jobs started by writes do that work.)
-        self.commit_held(o, &mut o.handle.write().unwrap())
+        self.commit_held(o, &mut o.write())
     }
 
     /// Commit `h`, the locked handle of `o`; a failure is kept for every
-    /// file handle (see [`Vfs::writes_lost`]).
+    /// file handle (see [`OpenImage::writes_lost`]).
     fn commit_held(&self, o: &OpenImage, h: &mut ImageHandle) -> Result<()> {
         if h.is_read_only() {
             return Ok(());
@@ -492,7 +530,7 @@ impl Vfs {
         let r = h.commit();
         *o.dirty_since.lock().unwrap() = None;
         if let Err(e) = &r {
-            self.writes_lost(o, h.name(), e);
+            o.writes_lost(h.name(), e);
         }
         r.map(|_| ())
     }
@@ -511,18 +549,10 @@ impl Vfs {
         let r = f(h);
         if let Err(e) = &r {
             if h.failures() != before {
-                self.writes_lost(o, h.name(), e);
+                o.writes_lost(h.name(), e);
             }
         }
         r
-    }
-
-    /// Record that background work on `o` failed and dropped its uncommitted writes.
-    fn writes_lost(&self, o: &OpenImage, image: &str, e: &Error) {
-        warn!(image, error = %e, "uncommitted writes were dropped; the next fsync reports it");
-        let mut lost = o.lost.lock().unwrap();
-        lost.0 += 1;
-        lost.1 = Some((image.to_string(), e.to_string(), e.errno()));
     }
 
     /// `fsync`/`flush` on `fh`: commit, and fail if this commit, or any
@@ -573,7 +603,7 @@ impl Vfs {
                 // `o` a while yet, and a reopen (a VM restarted) must not
                 // find the image busy. An open that reuses `o` meanwhile
                 // takes it again.
-                let mut h = o.handle.write().unwrap();
+                let mut h = o.write();
                 if o.opens.load(Ordering::SeqCst) == 0 {
                     h.release_lease();
                 }
@@ -598,7 +628,7 @@ impl Vfs {
     /// Read into `buf` at `offset`; returns the bytes read (short at the end).
     pub fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let (_, o) = self.file(fh)?;
-        let h = o.handle.read().unwrap();
+        let h = o.read();
         h.read(offset, buf)
     }
 
@@ -619,7 +649,7 @@ impl Vfs {
         let (_, o) = self.file(fh)?;
         let limit = self.cfg.dirty_limit;
         let (commit, job, flush, full) = {
-            let mut h = o.handle.write().unwrap();
+            let mut h = o.write();
             self.on_handle(&o, &mut h, |h| h.write(offset, data))?;
             self.mark_dirty(&o);
             // This write is done. A failure now is background work's (an
@@ -639,12 +669,12 @@ impl Vfs {
                 let job = h
                     .seal_job_when(self.cfg.seal_at, self.cfg.eager_seal)
                     .unwrap_or_else(|e| {
-                        self.writes_lost(&o, h.name(), &e);
+                        o.writes_lost(h.name(), &e);
                         None
                     });
                 let flush = if h.staged_bytes() >= self.cfg.half_limit() {
                     h.begin_flush().unwrap_or_else(|e| {
-                        self.writes_lost(&o, h.name(), &e);
+                        o.writes_lost(h.name(), &e);
                         None
                     })
                 } else {
@@ -661,9 +691,9 @@ impl Vfs {
         }
         if let Some(flush) = flush {
             let ticket = flush.run();
-            let mut h = o.handle.write().unwrap();
+            let mut h = o.write();
             if let Err(e) = h.land_flush(&ticket) {
-                self.writes_lost(&o, h.name(), &e);
+                o.writes_lost(h.name(), &e);
             }
         }
         if commit {
@@ -680,16 +710,16 @@ impl Vfs {
     fn wait_for_room(&self, o: &OpenImage) -> Result<()> {
         loop {
             let waiter = {
-                let h = o.handle.read().unwrap();
+                let h = o.read();
                 if h.dirty_bytes() < self.cfg.half_limit() {
                     return Ok(());
                 }
                 h.job_waiter()
             };
             waiter.wait();
-            let mut h = o.handle.write().unwrap();
+            let mut h = o.write();
             if let Err(e) = h.apply_finished() {
-                self.writes_lost(o, h.name(), &e); // (all dropped: room now)
+                o.writes_lost(h.name(), &e); // (all dropped: room now)
                 return Ok(());
             }
             if h.dirty_bytes() >= self.cfg.half_limit() && h.jobs_running() == 0 {
@@ -715,7 +745,7 @@ impl Vfs {
         let open = self.open.lock().unwrap().get(&ino).cloned();
         match open {
             Some(o) => {
-                let mut h = o.handle.write().unwrap();
+                let mut h = o.write();
                 self.on_handle(&o, &mut h, |h| h.set_size(size))?;
                 self.mark_dirty(&o);
             }
@@ -736,7 +766,7 @@ impl Vfs {
             return Err(Error::Unsupported(format!("fallocate mode {mode:#x}")));
         }
         let (_, o) = self.file(fh)?;
-        let mut h = o.handle.write().unwrap();
+        let mut h = o.write();
         let end = offset
             .checked_add(len)
             .ok_or_else(|| Error::InvalidArgument("fallocate range overflows".into()))?;
@@ -756,7 +786,7 @@ impl Vfs {
     /// `lseek(2)` with SEEK_DATA (`data = true`) or SEEK_HOLE; `None` is ENXIO.
     pub fn seek(&self, fh: u64, offset: u64, data: bool) -> Result<Option<u64>> {
         let (_, o) = self.file(fh)?;
-        let h = o.handle.read().unwrap();
+        let h = o.read();
         if data {
             h.seek_data(offset)
         } else {
@@ -774,29 +804,32 @@ impl Vfs {
         let (ino_in, src) = self.file(fh_in)?;
         let (ino_out, dst) = self.file(fh_out)?;
         let bs = self.store.block_size();
-        let overlap = ino_in == ino_out
-            && off_in < off_out.saturating_add(len)
-            && off_out < off_in.saturating_add(len);
+        let overlap =
+            ino_in == ino_out && off_in < off_out.saturating_add(len) && off_out < off_in.saturating_add(len);
         let len = if off_in % bs != off_out % bs || overlap {
             len.min((self.cfg.half_limit() as u64 / bs * bs).max(bs))
         } else {
             len
         };
         let n = if ino_in == ino_out {
-            let mut h = dst.handle.write().unwrap();
+            let mut h = dst.write();
             self.on_handle(&dst, &mut h, |h| copy_blocks(None, h, off_in, off_out, len))?
         } else if ino_in < ino_out {
             // Locks in inode order: two copies in opposite directions cannot deadlock.
-            let from = src.handle.read().unwrap();
-            let mut to = dst.handle.write().unwrap();
-            self.on_handle(&dst, &mut to, |to| copy_blocks(Some(&from), to, off_in, off_out, len))?
+            let from = src.read();
+            let mut to = dst.write();
+            self.on_handle(&dst, &mut to, |to| {
+                copy_blocks(Some(&from), to, off_in, off_out, len)
+            })?
         } else {
-            let mut to = dst.handle.write().unwrap();
-            let from = src.handle.read().unwrap();
-            self.on_handle(&dst, &mut to, |to| copy_blocks(Some(&from), to, off_in, off_out, len))?
+            let mut to = dst.write();
+            let from = src.read();
+            self.on_handle(&dst, &mut to, |to| {
+                copy_blocks(Some(&from), to, off_in, off_out, len)
+            })?
         };
         self.mark_dirty(&dst);
-        let full = dst.handle.read().unwrap().pending_bytes() >= self.cfg.dirty_limit;
+        let full = dst.read().pending_bytes() >= self.cfg.dirty_limit;
         if full {
             self.commit_open(&dst)?;
         }

@@ -918,14 +918,31 @@ fn sites_with_different_block_sizes_refuse_each_other() {
     a.start();
     d.start();
     let why = "stores replicate only with the same block size";
-    wait_until("both sides to refuse the other", Duration::from_secs(30), &[&a, &d], || {
-        fs::read_to_string(&a.log).unwrap().contains(why) && fs::read_to_string(&d.log).unwrap().contains(why)
-    });
+    wait_until(
+        "both sides to refuse the other",
+        Duration::from_secs(30),
+        &[&a, &d],
+        || {
+            fs::read_to_string(&a.log).unwrap().contains(why)
+                && fs::read_to_string(&d.log).unwrap().contains(why)
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(d.stamp("img"), None, "a 64 KiB-block image reached a 16 KiB-block store");
-    assert_eq!(a.stamp("other"), None, "a 16 KiB-block image reached a 64 KiB-block store");
+    assert_eq!(
+        d.stamp("img"),
+        None,
+        "a 64 KiB-block image reached a 16 KiB-block store"
+    );
+    assert_eq!(
+        a.stamp("other"),
+        None,
+        "a 16 KiB-block image reached a 64 KiB-block store"
+    );
     let log = fs::read_to_string(&a.log).unwrap();
-    assert!(log.contains("65536-byte blocks") && log.contains("16384-byte"), "{log}");
+    assert!(
+        log.contains("65536-byte blocks") && log.contains("16384-byte"),
+        "{log}"
+    );
     a.stop();
     d.stop();
 }
