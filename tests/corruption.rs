@@ -305,3 +305,28 @@ fn a_damaged_record_inside_a_fetched_span_is_still_reported() {
         assert_eq!(buf, a[(range.start * BS) as usize..(range.end * BS) as usize]);
     }
 }
+
+#[test]
+fn a_truncate_that_cannot_read_the_new_last_block_changes_nothing() {
+    // Cutting an image mid-block keeps that block's head: if the block
+    // cannot be read (damaged), the truncate fails with EIO and the image
+    // stays as it was, through the next commit too.
+    let (d, s, a, _b) = fixture();
+    let loc = loc_of(&s, "a", 3);
+    flip_byte(&pack_path(d.path(), loc.pack), loc.offset + 52 + 100);
+    let mut h = s.open_image("a").unwrap();
+    let e = h.set_size(3 * BS + 100).unwrap_err();
+    assert!(matches!(e, Error::Integrity { .. }), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+    assert_eq!(h.size(), 8 * BS);
+    h.commit().unwrap();
+    drop(h);
+    assert_eq!(s.open_image("a").unwrap().size(), 8 * BS);
+    for blk in [0, 1, 2, 4, 5, 6, 7] {
+        assert_eq!(
+            read_block(&s, "a", blk).unwrap(),
+            a[(blk * BS) as usize..((blk + 1) * BS) as usize],
+            "block {blk}"
+        );
+    }
+}

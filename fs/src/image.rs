@@ -1546,6 +1546,22 @@ impl ImageHandle {
             return Ok(());
         }
         let nb = new.div_ceil(self.bs);
+        // The new last block keeps its head: read before anything changes,
+        // so a block that cannot be read fails the call with the image as
+        // it was (not cut at its next commit).
+        let tail = match new % self.bs {
+            0 => None,
+            keep => {
+                let last = new / self.bs;
+                if self.is_data(last)? {
+                    let mut b = self.block_contents(last)?;
+                    b[keep as usize..].fill(0);
+                    Some((last, b))
+                } else {
+                    None
+                }
+            }
+        };
         let dropped = self.dirty.split_off(&nb);
         for d in dropped.values() {
             if holds_bytes(d) {
@@ -1561,15 +1577,10 @@ impl ImageHandle {
         self.staged.split_off(&nb);
         self.trunc_from = Some(self.trunc_from.map_or(nb, |t| t.min(nb)));
         *self.alloc.lock().unwrap() = None; // recounted when next asked
-        if !new.is_multiple_of(self.bs) {
-            let last = new / self.bs;
-            if self.is_data(last)? {
-                let mut b = self.block_contents(last)?;
-                b[(new % self.bs) as usize..].fill(0);
-                self.set_dirty(last, Dirty::Data(b.into()))?;
-            }
-        }
         self.size = new;
+        if let Some((last, b)) = tail {
+            self.set_dirty(last, Dirty::Data(b.into()))?;
+        }
         Ok(())
     }
 
