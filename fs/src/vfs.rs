@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::image::BlockSource;
-use crate::{validate_name, Error, ImageHandle, Result, Store};
+use crate::{validate_name, Error, ImageHandle, Result, Stamp, Store};
 
 /// Inode of the root directory.
 pub const ROOT_INO: u64 = 1;
@@ -268,6 +268,11 @@ pub struct Vfs {
     gc_draining: std::sync::atomic::AtomicBool,
     next_fh: AtomicU64,
     mounted_ms: u64,
+    /// Allocated bytes of images and snapshots not open here, by inode, with
+    /// the version and stamp they were counted at: `ls -l` or `du` over
+    /// many images does not count every map again each time the kernel's
+    /// attributes expire (a count holds the store's connection).
+    allocated: Mutex<HashMap<u64, (u64, Stamp, u64)>>,
 }
 
 fn enoent(what: &str) -> Error {
@@ -289,6 +294,7 @@ impl Vfs {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            allocated: Mutex::new(HashMap::new()),
         }
     }
 
@@ -319,11 +325,15 @@ impl Vfs {
     }
 
     fn handle_attr(&self, ino: u64, h: &ImageHandle) -> Result<Attr> {
+        self.attr_with(ino, h, h.allocated_bytes()?)
+    }
+
+    fn attr_with(&self, ino: u64, h: &ImageHandle, allocated: u64) -> Result<Attr> {
         Ok(Attr {
             ino,
             kind: Kind::File,
             size: h.size(),
-            allocated: h.allocated_bytes()?,
+            allocated,
             perm: if h.is_read_only() { 0o444 } else { 0o644 },
             mtime_ms: h.stamp().hlc.wall_ms,
             crtime_ms: h.created_ms(),
@@ -344,7 +354,17 @@ impl Vfs {
                     Node::Snapshot(img, snap) => self.store.open_snapshot(img, snap)?,
                     _ => unreachable!(),
                 };
-                self.handle_attr(ino, &h)
+                let at = (h.version(), h.stamp());
+                let known = self.allocated.lock().unwrap().get(&ino).copied();
+                let allocated = match known {
+                    Some((v, s, bytes)) if (v, s) == at => bytes,
+                    _ => {
+                        let bytes = h.allocated_bytes()?;
+                        self.allocated.lock().unwrap().insert(ino, (at.0, at.1, bytes));
+                        bytes
+                    }
+                };
+                self.attr_with(ino, &h, allocated)
             }
         }
     }
@@ -1058,6 +1078,28 @@ fn copy_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unopened_images_allocation_is_counted_once_per_version() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::init(d.path(), &crate::InitOptions::default()).unwrap();
+        let bs = s.block_size();
+        let v = Vfs::new(s, VfsConfig::default());
+        let (attr, fh) = v.create(ROOT_INO, "img").unwrap();
+        let ino = attr.ino;
+        v.write(fh, 0, &vec![7; 4 * bs as usize]).unwrap();
+        v.release(fh).unwrap();
+        assert_eq!(v.getattr(ino).unwrap().allocated, 4 * bs);
+        // The next look uses the count kept for this version (planted here).
+        v.allocated.lock().unwrap().get_mut(&ino).unwrap().2 = 12345;
+        assert_eq!(v.getattr(ino).unwrap().allocated, 12345);
+        // A change behind the mount is a new version: counted again.
+        let mut h = v.store().open_image("img").unwrap();
+        h.write(8 * bs, &vec![9; 2 * bs as usize]).unwrap();
+        h.commit().unwrap();
+        drop(h);
+        assert_eq!(v.getattr(ino).unwrap().allocated, 6 * bs);
+    }
 
     #[test]
     fn the_last_close_gives_up_the_right_to_write() {
