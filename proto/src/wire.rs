@@ -409,9 +409,12 @@ impl Message {
             Message::Error { code, message } => {
                 w.u8(K_ERROR);
                 w.u16(*code);
-                let m = &message[..message.len().min(1024)];
-                let m = &m[..(0..=m.len()).rev().find(|&i| m.is_char_boundary(i)).unwrap_or(0)];
-                w.str(m);
+                // At most 1 KiB, cut at a character boundary.
+                let mut end = message.len().min(1024);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                w.str(&message[..end]);
             }
         }
         let len = out.len() - start - 4;
@@ -659,6 +662,22 @@ mod tests {
             buf[i] = byte;
             let _ = Message::decode(&buf);
         }
+    }
+
+    #[test]
+    fn a_long_error_message_is_cut_at_a_character_boundary() {
+        // 1 KiB is kept; a character straddling that cut goes whole.
+        let message = format!("{}é and more", "a".repeat(1023));
+        let mut buf = Vec::new();
+        Message::Error { code: 500, message }.encode(&mut buf);
+        let (back, _) = Message::decode(&buf).unwrap().unwrap();
+        assert_eq!(
+            back,
+            Message::Error {
+                code: 500,
+                message: "a".repeat(1023)
+            }
+        );
     }
 
     #[test]
