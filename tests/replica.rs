@@ -141,3 +141,47 @@ fn received_blocks_are_verified_and_padded_payloads_refused() {
     assert!(s.apply_replica(&missing).is_err());
     assert_eq!(s.image_info("vm").unwrap().stamp, newer);
 }
+
+#[test]
+fn a_version_stamped_hours_ahead_is_refused_and_the_clock_stays() {
+    // A site whose clock is wrong (years ahead) must not move every other
+    // site's clock there for good: its versions are refused, loudly.
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::init(t.path(), &InitOptions::default()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let plan = |ahead_ms: u64| ApplyPlan {
+        image: "vm".into(),
+        peer: NodeId([9; 16]),
+        stamp: Stamp {
+            hlc: Hlc {
+                wall_ms: now + ahead_ms,
+                counter: 0,
+            },
+            origin: NodeId([9; 16]),
+        },
+        size: 4 * 65536,
+        base_known: false,
+        expect_local: None,
+        changes: vec![],
+        live: vec![],
+        keep_local_as: None,
+    };
+    let e = s.apply_replica(&plan(2 * 3_600_000)).unwrap_err();
+    assert!(matches!(e, geosync_fs::Error::ClockAhead { .. }), "{e}");
+    assert!(e.to_string().contains("ahead of this node's clock"), "{e}");
+    assert!(s.list_images().unwrap().is_empty(), "applied anyway");
+    // Its clock did not move: a local commit is stamped now, not hours ahead.
+    s.create_image("local", 65536).unwrap();
+    let mut h = s.open_image("local").unwrap();
+    h.write(0, &[1; 4096]).unwrap();
+    let stamp = h.commit().unwrap().stamp.unwrap();
+    assert!(stamp.hlc.wall_ms < now + 600_000, "{stamp}");
+    // Minutes of skew are fine.
+    assert!(matches!(
+        s.apply_replica(&plan(10 * 60_000)).unwrap(),
+        ReplicaOutcome::Applied(_)
+    ));
+}

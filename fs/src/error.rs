@@ -167,6 +167,21 @@ pub enum Error {
         /// The errno of that error.
         errno: i32,
     },
+    /// A replicated version stamped too far ahead of this node's clock: a
+    /// clock is wrong. Applying it would move this node's clock forward for
+    /// good (every later local commit would lose to it).
+    #[error(
+        "the version of {image:?} from node {origin} is stamped {ahead_s} s ahead of this node's \
+         clock: one of the two clocks is wrong; not applied"
+    )]
+    ClockAhead {
+        /// Image name.
+        image: String,
+        /// The node that made the version.
+        origin: String,
+        /// Seconds ahead of this node's clock.
+        ahead_s: u64,
+    },
     /// A bug: a background task panicked. The work it was doing failed.
     #[error("internal error: {0}")]
     Internal(String),

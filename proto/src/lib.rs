@@ -98,17 +98,19 @@ impl Hlc {
     }
 
     /// The reading right after this one (a full counter carries into the
-    /// wall clock, so a peer's stamp can never make the clock wrap).
+    /// wall clock, so a peer's stamp can never make the clock wrap; the
+    /// last reading of all stays the last, never going back).
     fn next(self) -> Hlc {
-        match self.counter.checked_add(1) {
-            Some(c) => Hlc {
+        match (self.counter.checked_add(1), self.wall_ms.checked_add(1)) {
+            (Some(c), _) => Hlc {
                 wall_ms: self.wall_ms,
                 counter: c,
             },
-            None => Hlc {
-                wall_ms: self.wall_ms.saturating_add(1),
+            (None, Some(w)) => Hlc {
+                wall_ms: w,
                 counter: 0,
             },
+            (None, None) => self,
         }
     }
 
@@ -220,6 +222,13 @@ mod tests {
         let m = local.observe(max, 1_000);
         assert!(m > max, "{m:?}");
         assert!(max.tick(1_000) > max);
+        // The last reading of all: the clock stays there, never goes back.
+        let end = Hlc {
+            wall_ms: u64::MAX,
+            counter: u32::MAX,
+        };
+        assert_eq!(local.observe(end, 1_000), end);
+        assert_eq!(end.tick(1_000), end);
     }
 
     #[test]

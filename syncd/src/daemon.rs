@@ -698,6 +698,7 @@ impl Driver {
                     Ok(ReplicaOutcome::Stale) => ApplyOutcome::Stale,
                     Err(e) => {
                         self.shared.metrics.error("store");
+                        warn!(%image, error = %e, "a pulled version could not be applied");
                         ApplyOutcome::Failed(e.to_string())
                     }
                 };

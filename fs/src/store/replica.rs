@@ -269,11 +269,25 @@ impl Store {
         r.map(|()| verdict)
     }
 
+    /// How far ahead of this node's clock a pulled version may be stamped
+    /// (further: [`Error::ClockAhead`]). Sites' clocks are NTP-synced to well
+    /// under a second; an hour ahead is a wrong clock, not skew.
+    pub const MAX_STAMP_AHEAD_MS: u64 = 3_600_000;
+
     /// Switch `plan.image` to a pulled version in ONE transaction (see the
-    /// module docs for what is refused).
+    /// module docs for what is refused; also a version stamped more than
+    /// [`Store::MAX_STAMP_AHEAD_MS`] ahead of this node's clock).
     pub fn apply_replica(&self, plan: &ApplyPlan) -> Result<ReplicaOutcome> {
         self.check_writable()?;
         validate_name(&plan.image)?;
+        let now = meta::now_ms();
+        if plan.stamp.hlc.wall_ms > now.saturating_add(Self::MAX_STAMP_AHEAD_MS) {
+            return Err(Error::ClockAhead {
+                image: plan.image.clone(),
+                origin: plan.stamp.origin.to_string(),
+                ahead_s: (plan.stamp.hlc.wall_ms - now) / 1000,
+            });
+        }
         if let Some(s) = &plan.keep_local_as {
             validate_name(s)?;
         }
