@@ -227,7 +227,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         sm,
         start: Instant::now(),
         local_seq: 0,
-        streams: HashMap::new(),
+        streams: Streams::default(),
         holder,
         leases: Vec::new(),
         last: BTreeMap::new(),
@@ -289,12 +289,38 @@ struct PendingMove {
     events: mpsc::UnboundedSender<MoveEvent>,
 }
 
+/// The request tasks running, to stop one the state machine cancels (a
+/// timeout, an abort). A task's last event is its `Failed` (sent after its
+/// reply, complete or not); a long reply's frames come earlier, in batches,
+/// and do not end it (they did: a reply slower than a second could then not
+/// be cancelled, and a peer stalling mid-reply held the task forever).
+#[derive(Default)]
+struct Streams(HashMap<ReqId, tokio::task::AbortHandle>);
+
+impl Streams {
+    fn started(&mut self, req: ReqId, h: tokio::task::AbortHandle) {
+        self.0.insert(req, h);
+    }
+
+    fn seen(&mut self, ev: &Event) {
+        if let Event::Failed { req, .. } = ev {
+            self.0.remove(req);
+        }
+    }
+
+    fn cancel(&mut self, req: ReqId) {
+        if let Some(h) = self.0.remove(&req) {
+            h.abort();
+        }
+    }
+}
+
 struct Driver {
     shared: Arc<Shared>,
     sm: Sync,
     start: Instant,
     local_seq: u64,
-    streams: HashMap<ReqId, tokio::task::AbortHandle>,
+    streams: Streams,
     holder: String,
     leases: Vec<String>,
     last: BTreeMap<(String, NodeId), LastTransfer>,
@@ -323,9 +349,7 @@ impl Driver {
                     match inp {
                         Input::Events(evs) => {
                             for ev in evs {
-                                if let Event::Frame { req, .. } | Event::Failed { req, .. } = &ev {
-                                    self.streams.remove(req);
-                                }
+                                self.streams.seen(&ev);
                                 let now = self.now();
                                 self.sm.handle(now, ev);
                             }
@@ -662,13 +686,9 @@ impl Driver {
                 };
                 let shared = self.shared.clone();
                 let h = tokio::spawn(request(shared, conn, peer, req, msg));
-                self.streams.insert(req, h.abort_handle());
+                self.streams.started(req, h.abort_handle());
             }
-            Action::Cancel { req, .. } => {
-                if let Some(h) = self.streams.remove(&req) {
-                    h.abort();
-                }
-            }
+            Action::Cancel { req, .. } => self.streams.cancel(req),
             Action::CheckMissing { image, hashes } => {
                 let hs: Vec<BlockHash> = hashes.iter().map(|h| BlockHash(*h)).collect();
                 let missing = match tokio::task::block_in_place(|| store.lacking(&hs)) {
@@ -1356,5 +1376,36 @@ async fn control_loop(l: tokio::net::UnixListener, shared: Arc<Shared>) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_with_frames_delivered_can_still_be_cancelled() {
+        let mut streams = Streams::default();
+        let task = tokio::spawn(std::future::pending::<()>()); // a peer that stalls
+        let req = 7;
+        streams.started(req, task.abort_handle());
+        // A first batch of the reply arrived (a slow reply: more to come).
+        streams.seen(&Event::Frame {
+            peer: NodeId([1; 16]),
+            req,
+            msg: Message::Ok,
+        });
+        streams.cancel(req);
+        let r = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(r.expect("the task was not stopped").unwrap_err().is_cancelled());
+        // Its end removes it.
+        let task = tokio::spawn(async {});
+        streams.started(8, task.abort_handle());
+        streams.seen(&Event::Failed {
+            peer: NodeId([1; 16]),
+            req: 8,
+            reason: "reply ended early".into(),
+        });
+        assert!(streams.0.is_empty());
     }
 }
