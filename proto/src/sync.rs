@@ -1098,11 +1098,18 @@ impl Sync {
         t.storing = t.storing.saturating_sub(1);
         if ok {
             t.pending.remove(&hash);
-            // Pulls that were waiting for this block have it now.
+            // Pulls that were waiting for this block have it now: progress
+            // for them too (a clone waits on its base's pull that long).
+            let deadline = now + self.cfg.request_timeout_ms;
             let waiting: Vec<String> = self
                 .transfers
                 .iter_mut()
-                .filter_map(|(n, o)| o.awaiting.remove(&hash).then(|| n.clone()))
+                .filter_map(|(n, o)| {
+                    o.awaiting.remove(&hash).then(|| {
+                        o.deadline_ms = deadline;
+                        n.clone()
+                    })
+                })
                 .collect();
             for w in waiting {
                 if self.transfers[&w].phase == Phase::Fetch {
