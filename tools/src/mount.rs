@@ -27,8 +27,8 @@ pub struct MountArgs {
     /// for sealing), half sealed (then they are committed while writing goes on).
     #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
     pub dirty_limit: u64,
-    /// Commit changes older than this many seconds.
-    #[arg(long, default_value_t = 5.0)]
+    /// Commit changes older than this many seconds (0.1 to 86400).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_interval)]
     pub commit_interval: f64,
     /// Bytes of decompressed blocks cached for reads.
     #[arg(long, default_value = "128M", value_parser = crate::units::parse_size)]
@@ -58,6 +58,14 @@ pub struct MountArgs {
     pub seal_threads: usize,
 }
 
+/// `--commit-interval`: seconds, 0.1 to a day.
+fn parse_interval(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.1..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 86400")),
+    }
+}
+
 /// Whether `mnt` is a geosync FUSE mount (from /proc/self/mountinfo).
 pub fn is_mounted(mnt: &Path) -> bool {
     let Ok(canon) = mnt.canonicalize() else {
@@ -66,14 +74,48 @@ pub fn is_mounted(mnt: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
+    mountinfo_has_fuse(&info, &canon)
+}
+
+/// Whether a `/proc/self/mountinfo` text lists a FUSE mount at `path`.
+fn mountinfo_has_fuse(info: &str, path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
     info.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
         let sep = f.iter().position(|x| *x == "-");
-        f.get(4).is_some_and(|p| Path::new(p) == canon)
+        f.get(4)
+            .is_some_and(|p| unescape_mountinfo(p) == path.as_os_str().as_bytes())
             && sep
                 .and_then(|s| f.get(s + 1))
                 .is_some_and(|t| t.starts_with("fuse"))
     })
+}
+
+/// A mountinfo path field with its octal escapes (`\040` space, `\011`
+/// tab, `\012` newline, `\134` backslash) decoded.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(
+                    d.iter()
+                        .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')),
+                );
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `geosync mount`.
@@ -116,7 +158,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         store,
         VfsConfig {
             dirty_limit: args.dirty_limit as usize,
-            commit_interval: Duration::from_secs_f64(args.commit_interval.max(0.1)),
+            commit_interval: Duration::from_secs_f64(args.commit_interval),
             seal_at: args.seal_at as usize,
             ..VfsConfig::default()
         },
@@ -307,4 +349,27 @@ pub fn umount_cmd(mnt: &Path) -> Result<()> {
     unmount(mnt)?;
     println!("unmounted {}", mnt.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_with_spaces_are_found_in_mountinfo() {
+        let info = "36 35 0:47 / /mnt/vm\\040images rw,nosuid,nodev - fuse.geosync geosync rw\n\
+                    37 35 0:48 / /mnt/a\\134b rw - ext4 /dev/vdb rw\n";
+        assert!(mountinfo_has_fuse(info, Path::new("/mnt/vm images")));
+        assert!(!mountinfo_has_fuse(info, Path::new("/mnt/vm\\040images")));
+        assert!(!mountinfo_has_fuse(info, Path::new("/mnt/a\\b")), "not FUSE");
+        assert_eq!(unescape_mountinfo("/a\\011b\\134c\\9"), b"/a\tb\\c\\9");
+    }
+
+    #[test]
+    fn commit_intervals_out_of_range_are_refused() {
+        assert_eq!(parse_interval("5").unwrap(), 5.0);
+        for bad in ["inf", "1e20", "NaN", "0", "-1", "0.05", "x"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -21,18 +21,39 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: use a number with an optional K, M, G, T or P suffix"))?;
-    let bytes = value * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("size {s:?} is out of range"));
+    let invalid = || format!("invalid size {s:?}: use a number with an optional K, M, G, T or P suffix");
+    let out_of_range = || format!("size {s:?} is out of range (at most 8 EiB - 1)");
+    // Whole numbers exactly; a fraction (1.5G) only where it makes whole bytes.
+    let bytes = if num.contains('.') {
+        let value: f64 = num.parse().map_err(|_| invalid())?;
+        let bytes = value * mult as f64;
+        // (2^63 is exact in f64: anything below it converts.)
+        if !bytes.is_finite() || bytes >= MAX_SIZE as f64 {
+            return Err(out_of_range());
+        }
+        if bytes.fract() != 0.0 {
+            return Err(format!("size {s:?} is not a whole number of bytes"));
+        }
+        bytes as u64
+    } else {
+        let value: u64 = num.parse().map_err(|e: std::num::ParseIntError| {
+            if matches!(e.kind(), std::num::IntErrorKind::PosOverflow) {
+                out_of_range()
+            } else {
+                invalid()
+            }
+        })?;
+        value.checked_mul(mult).ok_or_else(out_of_range)?
+    };
+    if bytes > MAX_SIZE {
+        return Err(out_of_range());
     }
-    if num.contains('.') && bytes.fract() != 0.0 {
-        return Err(format!("size {s:?} is not a whole number of bytes"));
-    }
-    Ok(bytes as u64)
+    Ok(bytes)
 }
+
+/// The largest size: offsets and sizes are signed 64-bit in SQLite and in
+/// the kernel (`off_t`).
+pub const MAX_SIZE: u64 = i64::MAX as u64;
 
 /// Format bytes with binary units: `1.50 GiB`.
 pub fn format_size(bytes: u64) -> String {
@@ -64,6 +85,20 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("0.3").is_err());
+        // Past what off_t and SQLite hold: refused, not wrapped or rounded.
+        assert_eq!(parse_size("8191P").unwrap(), 8191 << 50);
+        for big in [
+            "8192P",
+            "16384P",
+            "99999999999999999999",
+            "9223372036854775808",
+            "1e30",
+            "8192.0P",
+        ] {
+            assert!(parse_size(big).is_err(), "{big}");
+        }
+        assert_eq!(parse_size("9223372036854775807").unwrap(), i64::MAX as u64);
+        assert!(parse_size("-1").is_err());
         assert_eq!(format_size(512), "512 B");
         assert_eq!(format_size(3 << 29), "1.50 GiB");
     }

@@ -190,6 +190,25 @@ fn cli_errors_are_clear_and_listings_are_json() {
     );
     let o = gs(&store, &["create", "x", "12Q"]);
     assert!(!o.status.success());
+    // Sizes past what off_t and SQLite hold are refused, not wrapped.
+    for big in ["8192P", "16384P"] {
+        let o = gs(&store, &["create", "x", big]);
+        assert_eq!(o.status.code(), Some(2), "{big}: {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("out of range"),
+            "{o:?}"
+        );
+    }
+    // A commit interval that is no duration: refused before anything starts.
+    let o = gs(
+        &store,
+        &["mount", t.path().to_str().unwrap(), "--commit-interval", "inf"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("0.1 to 86400"),
+        "{o:?}"
+    );
     let o = gs(&store, &["info", "missing"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no image named \"missing\""));
     let o = gs(&store, &["init", "--block-size", "3000"]);
