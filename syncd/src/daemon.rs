@@ -35,7 +35,7 @@ use geosync_proto::{NodeId, Stamp, PROTOCOL_VERSION};
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Peer};
 use crate::control::{self, ImagePeer, ImageStatus, LastTransfer, MoveEvent, PeerStatus, Status};
@@ -80,6 +80,9 @@ pub enum DaemonError {
     /// The configuration.
     #[error("{0}")]
     Config(String),
+    /// The replication driver stopped before shutdown (a bug).
+    #[error("the replication driver stopped: {0}")]
+    DriverStopped(String),
 }
 
 enum Input {
@@ -238,10 +241,24 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     info!(node = %identity.id, listen = %cfg.listen, peers = peers.len(), control = %control_path.display(), "syncd ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut driver = tokio::spawn(driver.run(rx));
-    tokio::select! {
-        _ = &mut driver => warn!("the driver stopped"),
-        _ = shutdown => info!("shutting down"),
-    }
+    // The driver ends only on shutdown: if it ends before (a bug: it
+    // panicked), the daemon stops with an error, so a supervisor restarts it
+    // instead of leaving replication stopped behind a clean exit.
+    let failed = tokio::select! {
+        r = &mut driver => {
+            let why = match r {
+                Err(e) if e.is_panic() => "it panicked".to_string(),
+                Err(e) => e.to_string(),
+                Ok(()) => "its input closed".to_string(),
+            };
+            error!(%why, "the replication driver stopped; exiting");
+            Some(why)
+        }
+        _ = shutdown => {
+            info!("shutting down");
+            None
+        }
+    };
     driver.abort(); // no lease renewal after the leases are released below
     let _ = driver.await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -254,7 +271,10 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         let _ = db.release_transfer_leases_of(&format!("{}:{}:", identity.id, std::process::id()));
     }
     info!("stopped");
-    Ok(())
+    match failed {
+        Some(why) => Err(DaemonError::DriverStopped(why)),
+        None => Ok(()),
+    }
 }
 
 fn geosync_fs_now_ms() -> u64 {
