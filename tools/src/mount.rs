@@ -228,9 +228,16 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         }
     }
     vfs.shutdown();
-    let _ = session.join();
-    eprintln!("geosync: unmounted {}", args.mountpoint.display());
-    Ok(())
+    // A session that ended in an error is the mount's error (exit 1), even
+    // though the images were committed above.
+    match session.join() {
+        Ok(Ok(())) => {
+            eprintln!("geosync: unmounted {}", args.mountpoint.display());
+            Ok(())
+        }
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("the FUSE session ended with an error")),
+        Err(_) => bail!("the FUSE session panicked"),
+    }
 }
 
 /// Return the allocator's free pages to the kernel. Blocks of 64 KiB churn
