@@ -300,8 +300,11 @@ fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
         .process_group(0)
         .spawn()
         .context("starting the mount daemon")?;
+    // Long enough for a store that is busy (its open waits up to 30 s for the
+    // database) or recovering after a crash.
+    const LIMIT: Duration = Duration::from_secs(60);
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
+    while start.elapsed() < LIMIT {
         if is_mounted(&args.mountpoint) {
             println!(
                 "mounted on {} (daemon pid {}, log {})",
@@ -321,9 +324,20 @@ fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Not up in time: stop it as a signal stops a mount (if it got as far as
+    // mounting, it commits and unmounts: no dead mount point), and kill it
+    // only if it does not go.
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let stopping = Instant::now();
+    while stopping.elapsed() < Duration::from_secs(10) && child.try_wait()?.is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = child.kill();
     bail!(
-        "the mount did not appear within 15 s (see {})",
+        "the mount did not appear within {} s (see {})",
+        LIMIT.as_secs(),
         log_path.display()
     )
 }
