@@ -860,7 +860,7 @@ impl Vfs {
     pub fn unlink(&self, parent: u64, name: &str) -> Result<()> {
         validate_name(name)?;
         match self.node(parent)? {
-            Node::Root => {
+            Node::Root => self.after_own_releases(|| {
                 let node = Node::Image(name.to_string());
                 let ino = self.nodes.lock().unwrap().by_node.get(&node).copied();
                 if let Some(ino) = ino {
@@ -875,7 +875,7 @@ impl Vfs {
                 self.nodes.lock().unwrap().forget(&node);
                 info!(image = name, "removed through the mount");
                 Ok(())
-            }
+            }),
             Node::SnapDir(img) => {
                 self.store.delete_snapshot(&img, name)?;
                 self.nodes
@@ -888,9 +888,39 @@ impl Vfs {
         }
     }
 
+    /// `f`, again for up to a second while it finds an image busy because of
+    /// this mount itself: the kernel sends the RELEASE of a closed file after
+    /// `close` returned, and may send a `rename` or `unlink` made right after
+    /// the close before it (`mv`/`rm` of an image just written then fail
+    /// with EBUSY). A file really still open stays busy after the wait.
+    fn after_own_releases<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        let start = Instant::now();
+        loop {
+            match f() {
+                Err(Error::ImageBusy { pid, .. })
+                    if pid == std::process::id() && start.elapsed() < Duration::from_secs(1) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Rename an image (root to root). Replaces an existing target unless
     /// `noreplace`.
     pub fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+    ) -> Result<()> {
+        self.after_own_releases(|| self.rename_once(parent, name, newparent, newname, noreplace))
+    }
+
+    fn rename_once(
         &self,
         parent: u64,
         name: &str,
@@ -1099,6 +1129,41 @@ mod tests {
         h.commit().unwrap();
         drop(h);
         assert_eq!(v.getattr(ino).unwrap().allocated, 6 * bs);
+    }
+
+    #[test]
+    fn a_rename_or_unlink_racing_the_last_release_waits_for_it() {
+        // The kernel sends RELEASE after close() returned: a `mv` or `rm`
+        // right after can arrive first.
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::init(d.path(), &crate::InitOptions::default()).unwrap();
+        let v = Vfs::new(s, VfsConfig::default());
+        for op in ["rename", "unlink"] {
+            let (_, fh) = v.create(ROOT_INO, "img").unwrap();
+            v.write(fh, 0, &[7; 4096]).unwrap();
+            v.fsync(fh).unwrap(); // (the close's FLUSH)
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    v.release(fh).unwrap();
+                });
+                match op {
+                    "rename" => v.rename(ROOT_INO, "img", ROOT_INO, "img2", false).unwrap(),
+                    _ => v.unlink(ROOT_INO, "img").unwrap(),
+                }
+            });
+            if op == "rename" {
+                assert!(v.lookup(ROOT_INO, "img2").is_ok());
+                v.unlink(ROOT_INO, "img2").unwrap();
+            }
+            assert!(v.lookup(ROOT_INO, "img").is_err());
+        }
+        // Still open after the wait: busy.
+        let (_, fh) = v.create(ROOT_INO, "open").unwrap();
+        v.write(fh, 0, &[1; 4096]).unwrap();
+        let e = v.rename(ROOT_INO, "open", ROOT_INO, "moved", false).unwrap_err();
+        assert_eq!(e.errno(), libc::EBUSY, "{e}");
+        v.release(fh).unwrap();
     }
 
     #[test]
