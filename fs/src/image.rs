@@ -874,13 +874,11 @@ impl ImageHandle {
     }
 
     /// Give up the right to write if nothing is uncommitted (the next write
-    /// or [`ImageHandle::acquire`] takes it again). `false` if kept.
-    pub fn release_lease(&mut self) -> bool {
-        if self.is_dirty() || self.inflight.is_some() {
-            return false;
+    /// or [`ImageHandle::acquire`] takes it again); kept otherwise.
+    pub fn release_lease(&mut self) {
+        if !self.is_dirty() && self.inflight.is_none() {
+            self.lease = None;
         }
-        self.lease = None;
-        true
     }
 
     fn ensure_lease(&mut self) -> Result<()> {

@@ -925,9 +925,12 @@ impl Store {
         // A pack that could not be made leaves nothing behind: no row, no
         // file, no claim (on a full disk every seal job tries again, and
         // claimed descriptors are not bounded by the descriptor cache).
-        let abandon = |e: io::Error, context: String, made: bool| {
-            if made {
-                if let Err(re) = p.remove(id) {
+        // (The number is new: no one else has a file of that name.)
+        let abandon = |e: io::Error, context: String| {
+            match p.remove(id) {
+                Ok(()) => {}
+                Err(re) if re.kind() == io::ErrorKind::NotFound => {}
+                Err(re) => {
                     warn!(pack = id, error = %re, "removing a pack that could not be started");
                     p.release(id);
                 }
@@ -938,9 +941,9 @@ impl Store {
             Error::io(context, e)
         };
         p.create(id)
-            .map_err(|e| abandon(e, format!("creating pack {id}"), false))?;
+            .map_err(|e| abandon(e, format!("creating pack {id}")))?;
         p.append(id, pack::pack_header().as_slice())
-            .map_err(|e| abandon(e, format!("writing pack {id} header"), true))?;
+            .map_err(|e| abandon(e, format!("writing pack {id} header")))?;
         self.inner.unsynced.lock().unwrap().insert(id);
         debug!(pack = id, "new pack");
         Ok(id)

@@ -917,17 +917,6 @@ impl Vfs {
         newname: &str,
         noreplace: bool,
     ) -> Result<()> {
-        self.after_own_releases(|| self.rename_once(parent, name, newparent, newname, noreplace))
-    }
-
-    fn rename_once(
-        &self,
-        parent: u64,
-        name: &str,
-        newparent: u64,
-        newname: &str,
-        noreplace: bool,
-    ) -> Result<()> {
         if parent != ROOT_INO || newparent != ROOT_INO {
             return Err(Error::Unsupported(
                 "only images in the mount's root can be renamed".into(),
@@ -938,6 +927,10 @@ impl Vfs {
         if name == newname {
             return Ok(());
         }
+        self.after_own_releases(|| self.rename_image(name, newname, noreplace))
+    }
+
+    fn rename_image(&self, name: &str, newname: &str, noreplace: bool) -> Result<()> {
         if self.store.image_exists(newname)? {
             if noreplace {
                 return Err(Error::ImageExists(newname.into()));
