@@ -23,10 +23,15 @@ pub struct MountArgs {
     /// Log file of --daemon (default: STORE/mount.log).
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Uncommitted bytes per open image: half in memory (then writes wait
-    /// for sealing), half sealed (then they are committed while writing goes on).
+    /// Uncommitted bytes of blocks per open image in memory: writes wait
+    /// for sealing while half of it is held.
     #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
     pub dirty_limit: u64,
+    /// Sealed, uncommitted bytes of an open image that are committed as a
+    /// version while writing goes on (they hold no memory; fewer, larger
+    /// metadata transactions cost less in all).
+    #[arg(long, default_value = "1G", value_parser = crate::units::parse_size)]
+    pub flush_at: u64,
     /// Commit changes older than this many seconds (0.1 to 86400).
     #[arg(long, default_value_t = 5.0, value_parser = parse_interval)]
     pub commit_interval: f64,
@@ -158,6 +163,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         store,
         VfsConfig {
             dirty_limit: args.dirty_limit as usize,
+            flush_at: args.flush_at as usize,
             commit_interval: Duration::from_secs_f64(args.commit_interval),
             seal_at: args.seal_at as usize,
             ..VfsConfig::default()
@@ -287,6 +293,7 @@ fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
         .arg("mount")
         .arg(&args.mountpoint)
         .args(["--dirty-limit", &args.dirty_limit.to_string()])
+        .args(["--flush-at", &args.flush_at.to_string()])
         .args(["--commit-interval", &args.commit_interval.to_string()])
         .args(["--read-cache", &args.read_cache.to_string()])
         .args(["--read-cache-max", &args.read_cache_max.to_string()])
