@@ -357,6 +357,7 @@ fn print_damage(d: &Damage) {
 /// Run one parsed command.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let dir = cli.store.as_path();
+    let verbose = cli.verbose;
     match cli.command {
         Command::Init {
             block_size,
@@ -749,7 +750,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 q.map(format_size).unwrap_or_else(|| "none".into())
             );
         }
-        Command::Mount(args) => crate::mount::mount(dir, args)?,
+        Command::Mount(args) => crate::mount::mount(dir, args, verbose)?,
         Command::Umount { mountpoint } => crate::mount::umount_cmd(&mountpoint)?,
         Command::Bench(cmd) => return crate::bench::run(cmd).map(|_| ExitCode::SUCCESS),
         Command::Move { name, to, control } => {

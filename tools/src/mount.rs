@@ -124,7 +124,9 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
 }
 
 /// `geosync mount`.
-pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
+/// `verbose` (the `-v` count) is passed on to a `--daemon` child, whose
+/// log gets at least `info` (mounts, images created and removed, recovery).
+pub fn mount(store_dir: &Path, args: MountArgs, verbose: u8) -> Result<()> {
     if !args.mountpoint.is_dir() {
         bail!("mount point {} is not a directory", args.mountpoint.display());
     }
@@ -132,7 +134,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         bail!("{} is already mounted", args.mountpoint.display());
     }
     if args.daemon {
-        return spawn_daemon(store_dir, &args);
+        return spawn_daemon(store_dir, &args, verbose.max(1));
     }
     if args.malloc_arenas > 0 && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         cap_malloc_arenas(args.malloc_arenas);
@@ -172,7 +174,9 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     let (tx, rx) = mpsc::channel::<&'static str>();
     {
         let tx = tx.clone();
-        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        // SIGHUP too: a foreground mount whose terminal goes away was
+        // killed by it, leaving a dead mount point and uncommitted writes.
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
             .context("installing signal handlers")?;
         std::thread::spawn(move || {
             for _ in signals.forever() {
@@ -279,7 +283,7 @@ fn cap_malloc_arenas(n: u32) {
     let _ = n;
 }
 
-fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
+fn spawn_daemon(store_dir: &Path, args: &MountArgs, verbose: u8) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let log_path = args.log.clone().unwrap_or_else(|| store_dir.join("mount.log"));
     let log = std::fs::OpenOptions::new()
@@ -288,6 +292,7 @@ fn spawn_daemon(store_dir: &Path, args: &MountArgs) -> Result<()> {
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
     let mut child = Command::new(std::env::current_exe()?)
+        .arg(format!("-{}", "v".repeat(verbose.into())))
         .arg("--store")
         .arg(store_dir)
         .arg("mount")

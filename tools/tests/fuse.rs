@@ -113,6 +113,62 @@ fn ext4_on_a_loop_device_over_the_mount() {
     assert!(gs(&store, &["scrub"]).status.success());
 }
 
+/// `mount --daemon` returns once the mount is up, logs at `info` to
+/// STORE/mount.log, and `geosync umount` ends it, committing; a foreground
+/// mount whose terminal hangs up (SIGHUP) commits and unmounts cleanly
+/// (exit 0) instead of dying with a dead mount point.
+#[test]
+fn daemon_mode_and_hangup_unmount_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let store = init_store(t.path(), "64K");
+    let mnt = t.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let data = b"written through the daemon".repeat(5000);
+    let said = ok(&store, &["mount", mnt.to_str().unwrap(), "--daemon"]);
+    let pid: u32 = said
+        .split("daemon pid ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no daemon pid in {said:?}"));
+    assert!(
+        geosync_tools::mount::is_mounted(&mnt),
+        "--daemon returned before the mount was up"
+    );
+    fs::write(mnt.join("img"), &data).unwrap();
+    let out = gs(&store, &["umount", mnt.to_str().unwrap()]);
+    if !out.status.success() {
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+        panic!("umount: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(!geosync_tools::mount::is_mounted(&mnt));
+    let start = std::time::Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the daemon did not exit after umount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = fs::read_to_string(store.join("mount.log")).unwrap();
+    assert!(
+        // (not the "geosync: mounted" line: that goes to the log at any level)
+        log.contains("INFO") && log.contains("mountpoint="),
+        "the daemon's log has no info lines:\n{log}"
+    );
+
+    let m = Mount::new(&store, &mnt, &[]);
+    assert_eq!(fs::read(m.path("img")).unwrap(), data, "the daemon's write");
+    let more = b"then a hangup".repeat(7000);
+    let f = File::create(m.path("img2")).unwrap();
+    f.write_all_at(&more, 0).unwrap();
+    drop(f);
+    m.stop_with("HUP");
+    let m = Mount::new(&store, &mnt, &[]);
+    assert_eq!(fs::read(m.path("img2")).unwrap(), more);
+    m.stop();
+}
+
 #[test]
 fn fstrim_inside_shrinks_the_image() {
     let t = tempfile::tempdir().unwrap();

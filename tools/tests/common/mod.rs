@@ -117,11 +117,19 @@ impl Mount {
     /// Clean unmount: SIGTERM, wait for the daemon to commit and exit. A
     /// daemon that stays busy (it refuses to unmount under a loop device)
     /// is signalled again for a minute, then killed and the test fails.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        self.stop_with("TERM");
+    }
+
+    /// [`Mount::stop`] with another signal (`"HUP"`, `"INT"`).
+    pub fn stop_with(mut self, signal: &str) {
         let mut c = self.child.take().unwrap();
         let start = Instant::now();
         let st = loop {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(c.id().to_string())
+                .status();
             if let Some(st) = wait_for(&mut c, Duration::from_secs(5)) {
                 break st;
             }
