@@ -61,6 +61,12 @@ pub struct Config {
     /// How often each peer's catalog is polled, in milliseconds (default 2000).
     #[serde(default = "default_catalog_interval")]
     pub catalog_interval_ms: u64,
+    /// Seconds a peer may take to send its request on a stream, and to make
+    /// room for each frame of our reply (default 60). A peer that reads
+    /// nothing for that long (stalled, or buggy) loses the stream: it does
+    /// not keep a serving thread and the reply's memory forever.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: f64,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
@@ -71,6 +77,9 @@ fn default_pacing() -> f64 {
 }
 fn default_catalog_interval() -> u64 {
     2000
+}
+fn default_stall_timeout() -> f64 {
+    60.0
 }
 
 /// One peer.
@@ -125,6 +134,12 @@ impl Config {
             return Err(invalid(format!(
                 "pacing_factor must be a number ≥ 0, not {}",
                 cfg.pacing_factor
+            )));
+        }
+        if !(0.1..=86400.0).contains(&cfg.stall_timeout_secs) {
+            return Err(invalid(format!(
+                "stall_timeout_secs must be 0.1 to 86400, not {}",
+                cfg.stall_timeout_secs
             )));
         }
         if let Some(b) = &cfg.bandwidth {
@@ -235,6 +250,8 @@ push = ["vm-*"]
         assert!(e.to_string().contains("pacing_factr"), "{e}");
         let e = Config::parse(&GOOD.replace("0123456789abcdef0123456789abcdef", "nope"), "t").unwrap_err();
         assert!(e.to_string().contains("node id"), "{e}");
+        let e = Config::parse(&format!("stall_timeout_secs = 0\n{GOOD}"), "t").unwrap_err();
+        assert!(e.to_string().contains("stall_timeout_secs"), "{e}");
         let e = Config::parse(&GOOD.replace("1Gbit", "fast"), "t").unwrap_err();
         assert!(e.to_string().contains("bandwidth"), "{e}");
         let e = Config::parse(&GOOD.replace("vm-*", "../x"), "t").unwrap_err();

@@ -108,6 +108,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     tx: mpsc::UnboundedSender<Input>,
     bandwidth: Option<u64>,
+    /// How long a peer may leave a request unsent or a reply frame unread.
+    stall: Duration,
     limiters: Mutex<HashMap<NodeId, Instant>>,
     homes_path: PathBuf,
 }
@@ -188,6 +190,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         metrics: metrics.clone(),
         tx,
         bandwidth: cfg.bandwidth_bytes(),
+        stall: Duration::from_secs_f64(cfg.stall_timeout_secs),
         limiters: Mutex::new(HashMap::new()),
         homes_path: identity::state_dir(&cfg.store).join("homes.json"),
     });
@@ -1109,7 +1112,16 @@ async fn serve_stream(
         shared.metrics.error("protocol");
         conn.close(VarInt::from_u32(close::PROTOCOL), why.as_bytes());
     };
-    let req = match read_frame(&mut recv).await {
+    let stalled = |what: &str| {
+        warn!(%peer, timeout_s = shared.stall.as_secs_f64(), "peer stalled {what}; stream dropped");
+        shared.metrics.error("stalled");
+    };
+    let Ok(first) = tokio::time::timeout(shared.stall, read_frame(&mut recv)).await else {
+        let _ = recv.stop(VarInt::from_u32(close::STALLED));
+        let _ = send.reset(VarInt::from_u32(close::STALLED));
+        return stalled("sending its request");
+    };
+    let req = match first {
         Ok(Some((m, n))) => {
             shared
                 .metrics
@@ -1122,7 +1134,12 @@ async fn serve_stream(
         Err(FrameError::Read(_)) => return,
         Err(e) => return violation(e.to_string()),
     };
-    match read_frame(&mut recv).await {
+    let Ok(end) = tokio::time::timeout(shared.stall, read_frame(&mut recv)).await else {
+        let _ = recv.stop(VarInt::from_u32(close::STALLED));
+        let _ = send.reset(VarInt::from_u32(close::STALLED));
+        return stalled("finishing its request");
+    };
+    match end {
         Ok(None) => {}
         Ok(Some(_)) => return violation("more than one request on a stream".into()),
         Err(FrameError::Read(_)) => return,
@@ -1156,7 +1173,7 @@ async fn serve_stream(
                 block_size: ours,
             }
         };
-        if send_frame(&shared, peer, &mut send, reply).await {
+        if matches!(send_frame(&shared, peer, &mut send, reply).await, Sent::Ok) {
             let _ = send.finish();
         }
         return;
@@ -1190,7 +1207,15 @@ async fn serve_stream(
                 }
             }
         }
-        ok = send_frame(&shared, peer, &mut send, f).await;
+        ok = match send_frame(&shared, peer, &mut send, f).await {
+            Sent::Ok => true,
+            Sent::Failed => false,
+            Sent::Stalled => {
+                let _ = send.reset(VarInt::from_u32(close::STALLED));
+                stalled("reading our reply");
+                false
+            }
+        };
     }
     match task.await {
         Ok(Ok(Some(image))) => {
@@ -1206,14 +1231,24 @@ async fn serve_stream(
     }
 }
 
-/// Send one reply frame, paced by the peer's bandwidth limit; false if the
-/// stream failed.
-async fn send_frame(shared: &Shared, peer: NodeId, send: &mut quinn::SendStream, f: Message) -> bool {
+/// How sending a frame went.
+enum Sent {
+    Ok,
+    /// The stream failed (the peer reset it, the connection closed).
+    Failed,
+    /// The peer made no room for it within the stall timeout.
+    Stalled,
+}
+
+/// Send one reply frame, paced by the peer's bandwidth limit.
+async fn send_frame(shared: &Shared, peer: NodeId, send: &mut quinn::SendStream, f: Message) -> Sent {
     let mut b = Vec::new();
     f.encode(&mut b);
     shared.pace(peer, b.len()).await;
-    if send.write_all(&b).await.is_err() {
-        return false;
+    match tokio::time::timeout(shared.stall, send.write_all(&b)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Sent::Failed,
+        Err(_) => return Sent::Stalled,
     }
     let pl = shared.peer_label(&peer);
     shared
@@ -1224,7 +1259,7 @@ async fn send_frame(shared: &Shared, peer: NodeId, send: &mut quinn::SendStream,
     if matches!(f, Message::Block { .. }) {
         shared.metrics.blocks_sent.get_or_create(&pl).inc();
     }
-    true
+    Sent::Ok
 }
 
 static CORRUPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

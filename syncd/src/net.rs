@@ -23,6 +23,8 @@ pub mod close {
     pub const PROTOCOL: u32 = 1;
     /// Another protocol version.
     pub const VERSION: u32 = 2;
+    /// (A stream's reset code) the peer stalled past the stall timeout.
+    pub const STALLED: u32 = 3;
 }
 
 /// A frame could not be read.

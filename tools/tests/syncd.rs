@@ -770,7 +770,7 @@ fn unknown_peers_forbidden_images_and_malformed_frames_are_refused() {
             push: "\"pub-*\"",
             ..peer(&b)
         }],
-        "",
+        "stall_timeout_secs = 3",
     );
     b.configure(&[peer(&a)], "");
     c.configure(&[peer(&a)], "");
@@ -860,6 +860,56 @@ fn unknown_peers_forbidden_images_and_malformed_frames_are_refused() {
             let why = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
             assert!(why.is_ok(), "A did not close a connection that sent {bytes:?}");
         }
+        // A stalled reader: requests for more blocks than the connection's
+        // window holds, never read. A drops those streams after its stall
+        // timeout instead of keeping a serving thread per stream forever.
+        let mut hashes = Vec::new();
+        for m in ask(Message::PullRequest {
+            image: "pub-1".into(),
+            have: None,
+        })
+        .await
+        {
+            if let Message::MapDiff { changes, .. } = m {
+                hashes.extend(changes.into_iter().filter_map(|c| c.hash));
+            }
+        }
+        assert!(!hashes.is_empty());
+        let hashes: Vec<_> = hashes.iter().cycle().take(256).copied().collect();
+        let conn = net::connect(&ep, &me, a_id, a_addr).await.unwrap();
+        let mut unread = Vec::new();
+        for _ in 0..16 {
+            let (mut s, r) = conn.open_bi().await.unwrap();
+            net::write_frame(
+                &mut s,
+                &Message::BlockRequest {
+                    hashes: hashes.clone(),
+                },
+            )
+            .await
+            .unwrap();
+            s.finish().unwrap();
+            unread.push((s, r));
+        }
+        // And a stream whose request never comes.
+        let (mut s, r) = conn.open_bi().await.unwrap();
+        s.write_all(&[0]).await.unwrap();
+        unread.push((s, r));
+        let start = std::time::Instant::now();
+        loop {
+            let log = fs::read_to_string(&a.log).unwrap();
+            if log.contains("peer stalled reading our reply")
+                && log.contains("peer stalled sending its request")
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "A never dropped the stalled streams:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(unread);
     });
     let log = fs::read_to_string(&a.log).unwrap();
     assert!(
