@@ -69,6 +69,10 @@ pub struct Config {
     /// Times a block failing verification is fetched again before the pull
     /// fails.
     pub max_rejects: u32,
+    /// This node's block size (0: unknown). A map naming blocks past the
+    /// image's size in it is refused when it arrives, before any block of
+    /// it is fetched.
+    pub block_size: u64,
 }
 
 impl Default for Config {
@@ -83,6 +87,7 @@ impl Default for Config {
             window: 8,
             max_transfers: 4,
             max_rejects: 3,
+            block_size: 0,
         }
     }
 }
@@ -902,6 +907,14 @@ impl Sync {
                 live,
                 more,
             } if name == image && t.stamp.is_none_or(|s| s == stamp) => {
+                if let Some(why) =
+                    map_out_of_range(self.cfg.block_size, size, t.changes.len(), &changes, &live)
+                {
+                    self.reqs.remove(&req);
+                    self.abort(now, &image, "protocol violation".into());
+                    self.violation(peer, format!("map of {image}: {why}"));
+                    return;
+                }
                 t.stamp = Some(stamp);
                 t.base_known = base_known;
                 t.size = size;
@@ -1281,6 +1294,33 @@ pub fn kind_name(m: &Message) -> &'static str {
         Message::Ok => "Ok",
         Message::Error { .. } => "Error",
     }
+}
+
+/// Why a map frame cannot be of an image of `size` bytes in `block_size`
+/// blocks (`None`: it can, or the block size is unknown): a change or a
+/// live extent past the last block, a reversed extent, or more changes in all
+/// (`before` already received) than the image has blocks.
+fn map_out_of_range(
+    block_size: u64,
+    size: u64,
+    before: usize,
+    changes: &[MapChange],
+    live: &[(u64, u64)],
+) -> Option<String> {
+    if block_size == 0 {
+        return None;
+    }
+    let blocks = size.div_ceil(block_size);
+    if let Some(c) = changes.iter().find(|c| c.block >= blocks) {
+        return Some(format!("block {} of an image of {blocks} blocks", c.block));
+    }
+    if let Some((a, b)) = live.iter().find(|&&(a, b)| a > b || b > blocks) {
+        return Some(format!("extent {a}..{b} of an image of {blocks} blocks"));
+    }
+    if (before + changes.len()) as u64 > blocks {
+        return Some(format!("more than {blocks} changes for as many blocks"));
+    }
+    None
 }
 
 #[cfg(test)]

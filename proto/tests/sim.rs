@@ -227,6 +227,7 @@ fn sim_config() -> Config {
         window: 2,
         max_transfers: 2,
         max_rejects: 3,
+        block_size: 1 << 16,
     }
 }
 

@@ -220,6 +220,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let sync_cfg = sync::Config {
         catalog_interval_ms: cfg.catalog_interval_ms,
         pacing_factor: cfg.pacing_factor,
+        block_size: store.block_size(),
         ..sync::Config::default()
     };
     let sm = Sync::new(
