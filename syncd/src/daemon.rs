@@ -149,7 +149,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let identity = Identity::load(&cfg.store)?;
     if store.node_id() != identity.id {
         return Err(DaemonError::Config(format!(
-            "store {} has node id {} but its key says {}: run `syncd init --store {}` on a store made without it",
+            "store {} has node id {} but its key says {}: `syncd init --store {}` says what to do",
             cfg.store.display(),
             store.node_id(),
             identity.id,

@@ -5,7 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use geosync_syncd::{config::Config, daemon, identity::Identity};
+use geosync_syncd::{
+    config::Config,
+    daemon,
+    identity::{Identity, IdentityError},
+};
 
 /// geosync replication daemon: replicates images between sites over QUIC
 /// (mutual TLS, pinned node ids), shipping only the blocks a peer lacks.
@@ -20,10 +24,20 @@ struct Cli {
 enum Cmd {
     /// Create this node's key pair in STORE/syncd (and the store itself if
     /// it does not exist); prints the node id as the last line.
+    ///
+    /// Run again, it prints the node id of the key already there. A key
+    /// whose id the store does not carry (an init that stopped before
+    /// recording it, or a key copied from another node) is refused, with
+    /// what to do.
     Init {
         /// Store directory.
         #[arg(long, env = "GEOSYNC_STORE", default_value = "./data")]
         store: PathBuf,
+        /// Record the id of the key already in STORE/syncd as the store's
+        /// node id (only for a key made for this store whose init stopped
+        /// before recording it: two nodes must never share a key).
+        #[arg(long)]
+        adopt_key: bool,
     },
     /// Run the daemon.
     Run {
@@ -53,7 +67,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Init { store } => {
+        Cmd::Init { store, adopt_key } => {
             let st = match geosync_fs::Store::open(&store, geosync_fs::OpenMode::ReadWrite) {
                 Ok(s) => s,
                 Err(geosync_fs::Error::NoStore(_)) => {
@@ -62,7 +76,33 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let id = Identity::create(&store)?;
+            let dir = geosync_syncd::identity::state_dir(&store);
+            let id = match Identity::create(&store) {
+                Ok(id) => id,
+                Err(IdentityError::Exists(..)) => {
+                    let id = Identity::load(&store)?;
+                    if st.node_id() == id.id {
+                        eprintln!("syncd: {} has this store's key already", dir.display());
+                        println!("{}", id.id);
+                        return Ok(());
+                    }
+                    if !adopt_key {
+                        anyhow::bail!(
+                            "{} has a key for node {} but the store's node id is {}: if that key was made \
+                             for this store by an init that stopped before recording it, run \
+                             `syncd init --store {} --adopt-key`; if it came from another node, \
+                             remove {} and run `syncd init` for a key of this node's own",
+                            dir.display(),
+                            id.id,
+                            st.node_id(),
+                            store.display(),
+                            dir.display()
+                        );
+                    }
+                    id
+                }
+                Err(e) => return Err(e.into()),
+            };
             st.set_node_id(id.id)
                 .context("recording the node id in the store")?;
             eprintln!(

@@ -1073,4 +1073,33 @@ fn syncd_refuses_bad_setups_clearly() {
     a.configure(&[peer(&b)], "");
     let err = run(&a.config);
     assert!(err.contains("has node id") && err.contains("syncd init"), "{err}");
+    // `syncd init` then says what to do; --adopt-key records the key's id;
+    // run again, init prints the id and changes nothing.
+    let init = |extra: &[&str]| {
+        let o = Command::new(SYNCD)
+            .arg("init")
+            .arg("--store")
+            .arg(&a.store)
+            .args(extra)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (
+            o.status.success(),
+            out,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = init(&[]);
+    assert!(
+        !ok && err.contains("--adopt-key") && err.contains("remove"),
+        "{err}"
+    );
+    let (ok, out, err) = init(&["--adopt-key"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, b.id);
+    let (ok, out, err) = init(&[]);
+    assert!(ok, "{err}");
+    assert_eq!(out, b.id);
+    assert!(err.contains("already"), "{err}");
 }
