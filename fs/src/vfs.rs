@@ -857,7 +857,12 @@ impl Vfs {
             })?
         };
         self.mark_dirty(&dst);
-        let full = dst.read().pending_bytes() >= self.cfg.dirty_limit;
+        // As for writes: blocks in memory past half the limit, or sealed
+        // ones past `flush_at` (a full commit here: copies are rare).
+        let full = {
+            let h = dst.read();
+            h.dirty_bytes() >= self.cfg.half_limit() || h.staged_bytes() >= self.cfg.flush_at.max(1)
+        };
         if full {
             self.commit_open(&dst)?;
         }

@@ -907,9 +907,22 @@ impl Sync {
                 live,
                 more,
             } if name == image && t.stamp.is_none_or(|s| s == stamp) => {
-                if let Some(why) =
-                    map_out_of_range(self.cfg.block_size, size, t.changes.len(), &changes, &live)
-                {
+                let why = if t.stamp.is_some() && (t.size, t.base_known) != (size, base_known) {
+                    // Frames of one map agree on what they are a map of.
+                    Some(format!(
+                        "a frame of size {size} (base known: {base_known}) after frames of size {} ({})",
+                        t.size, t.base_known
+                    ))
+                } else {
+                    map_out_of_range(
+                        self.cfg.block_size,
+                        size,
+                        (t.changes.len(), t.live.len()),
+                        &changes,
+                        &live,
+                    )
+                };
+                if let Some(why) = why {
                     self.reqs.remove(&req);
                     self.abort(now, &image, "protocol violation".into());
                     self.violation(peer, format!("map of {image}: {why}"));
@@ -1298,12 +1311,13 @@ pub fn kind_name(m: &Message) -> &'static str {
 
 /// Why a map frame cannot be of an image of `size` bytes in `block_size`
 /// blocks (`None`: it can, or the block size is unknown): a change or a
-/// live extent past the last block, a reversed extent, or more changes in all
-/// (`before` already received) than the image has blocks.
+/// live extent past the last block, a reversed extent, or more changes or
+/// extents in all (`before`: those already received) than the image has
+/// blocks.
 fn map_out_of_range(
     block_size: u64,
     size: u64,
-    before: usize,
+    before: (usize, usize),
     changes: &[MapChange],
     live: &[(u64, u64)],
 ) -> Option<String> {
@@ -1317,8 +1331,8 @@ fn map_out_of_range(
     if let Some((a, b)) = live.iter().find(|&&(a, b)| a > b || b > blocks) {
         return Some(format!("extent {a}..{b} of an image of {blocks} blocks"));
     }
-    if (before + changes.len()) as u64 > blocks {
-        return Some(format!("more than {blocks} changes for as many blocks"));
+    if (before.0 + changes.len()) as u64 > blocks || (before.1 + live.len()) as u64 > blocks {
+        return Some(format!("more changes or extents than its {blocks} blocks"));
     }
     None
 }

@@ -11,6 +11,14 @@ const BS: u64 = 65536;
 /// Pull "img" (4 blocks) from a peer whose map reply is `changes`, `live`;
 /// returns (block requests sent, violations reported, pull failures).
 fn pull_with_map(changes: Vec<MapChange>, live: Vec<(u64, u64)>) -> (usize, usize, usize) {
+    pull_with_frames(vec![(4 * BS, changes, live)])
+}
+
+/// One `MapDiff` frame: size, changes, live extents.
+type Frame = (u64, Vec<MapChange>, Vec<(u64, u64)>);
+
+/// [`pull_with_map`] with a map in several frames.
+fn pull_with_frames(frames: Vec<Frame>) -> (usize, usize, usize) {
     let peer = NodeId([7; 16]);
     let cfg = Config {
         block_size: BS,
@@ -35,7 +43,7 @@ fn pull_with_map(changes: Vec<MapChange>, live: Vec<(u64, u64)>) -> (usize, usiz
         while let Some(a) = sm.poll_action() {
             match a {
                 Action::Send { req, msg, .. } => {
-                    let reply = match msg {
+                    let replies = match msg {
                         Message::CatalogRequest { .. } => {
                             catalogs += 1;
                             let entries = if catalogs == 1 {
@@ -49,35 +57,34 @@ fn pull_with_map(changes: Vec<MapChange>, live: Vec<(u64, u64)>) -> (usize, usiz
                             } else {
                                 vec![]
                             };
-                            Message::Catalog {
+                            vec![Message::Catalog {
                                 seq: 1,
                                 entries,
                                 more: false,
-                            }
+                            }]
                         }
-                        Message::PullRequest { image, .. } => Message::MapDiff {
-                            image,
-                            base_known: false,
-                            stamp,
-                            size: 4 * BS,
-                            changes: changes.clone(),
-                            live: live.clone(),
-                            more: false,
-                        },
+                        Message::PullRequest { image, .. } => frames
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (size, changes, live))| Message::MapDiff {
+                                image: image.clone(),
+                                base_known: false,
+                                stamp,
+                                size: *size,
+                                changes: changes.clone(),
+                                live: live.clone(),
+                                more: i + 1 < frames.len(),
+                            })
+                            .collect(),
                         Message::BlockRequest { .. } => {
                             blocks += 1;
                             continue;
                         }
                         other => panic!("unexpected request {other:?}"),
                     };
-                    sm.handle(
-                        now,
-                        Event::Frame {
-                            peer,
-                            req,
-                            msg: reply,
-                        },
-                    );
+                    for msg in replies {
+                        sm.handle(now, Event::Frame { peer, req, msg });
+                    }
                     let reason = "reply ended".to_string();
                     sm.handle(now, Event::Failed { peer, req, reason });
                 }
@@ -124,4 +131,22 @@ fn maps_past_the_image_size_are_refused_before_fetching() {
         assert_eq!(blocks, 0, "blocks requested for {what}");
         assert_eq!((violations, failures), (1, 1), "{what}");
     }
+}
+
+#[test]
+fn frames_of_one_map_that_disagree_on_its_size_are_refused() {
+    // The first frame's blocks fit only the first frame's size.
+    let (blocks, violations, failures) = pull_with_frames(vec![
+        (64 * BS, vec![change(40)], vec![(40, 41)]),
+        (4 * BS, vec![change(0)], vec![(0, 1)]),
+    ]);
+    assert_eq!(blocks, 0);
+    assert_eq!((violations, failures), (1, 1));
+    // Agreeing frames are one map.
+    let (blocks, violations, failures) = pull_with_frames(vec![
+        (4 * BS, vec![change(0)], vec![(0, 1)]),
+        (4 * BS, vec![change(3)], vec![(3, 4)]),
+    ]);
+    assert!(blocks > 0);
+    assert_eq!((violations, failures), (0, 0));
 }

@@ -1174,8 +1174,15 @@ async fn serve_stream(
                 block_size: ours,
             }
         };
-        if matches!(send_frame(&shared, peer, &mut send, reply).await, Sent::Ok) {
-            let _ = send.finish();
+        match send_frame(&shared, peer, &mut send, reply).await {
+            Sent::Ok => {
+                let _ = send.finish();
+            }
+            Sent::Failed => {}
+            Sent::Stalled => {
+                let _ = send.reset(VarInt::from_u32(close::STALLED));
+                stalled("reading our reply");
+            }
         }
         return;
     }

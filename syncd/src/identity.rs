@@ -88,8 +88,19 @@ impl Identity {
     /// key 0600). Refuses to overwrite an existing key.
     pub fn create(store: &Path) -> Result<Identity, IdentityError> {
         let dir = state_dir(store);
-        if let Ok(id) = Identity::load(store) {
-            return Err(IdentityError::Exists(dir.display().to_string(), id.id));
+        match Identity::load(store) {
+            Ok(id) => return Err(IdentityError::Exists(dir.display().to_string(), id.id)),
+            Err(IdentityError::NoKey(_)) if !dir.join("key.pem").exists() => {}
+            Err(e) => {
+                // A key without a loadable certificate (written by a build
+                // before the pair was renamed into place, or damaged): never
+                // replaced silently.
+                return Err(IdentityError::Invalid(format!(
+                    "{} holds a key but the node identity does not load ({e}): remove {} and run `syncd init` again",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
         }
         let io = |what, path: &Path| {
             let path = path.display().to_string();
@@ -107,10 +118,21 @@ impl Identity {
             .self_signed(&key)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         let id = node_id_of(cert.der()).map_err(IdentityError::Invalid)?;
-        let kp = dir.join("key.pem");
-        write_private(&kp, key.serialize_pem().as_bytes()).map_err(io("writing", &kp))?;
-        let cp = dir.join("cert.pem");
-        std::fs::write(&cp, cert.pem()).map_err(io("writing", &cp))?;
+        // Both written aside and synced, then renamed into place, the key
+        // last: a crash leaves no key without its certificate (a
+        // certificate alone is replaced by the next init).
+        let (kp, cp) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let (kt, ct) = (dir.join("key.pem.tmp"), dir.join("cert.pem.tmp"));
+        for t in [&kt, &ct] {
+            let _ = std::fs::remove_file(t);
+        }
+        write_private(&kt, key.serialize_pem().as_bytes()).map_err(io("writing", &kt))?;
+        write_private(&ct, cert.pem().as_bytes()).map_err(io("writing", &ct))?;
+        std::fs::rename(&ct, &cp).map_err(io("renaming into place", &cp))?;
+        std::fs::rename(&kt, &kp).map_err(io("renaming into place", &kp))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing", &dir))?;
         let me = Identity::load(store)?;
         assert_eq!(me.id, id, "the certificate names another key");
         Ok(me)
@@ -331,6 +353,18 @@ mod tests {
         assert_eq!(m.permissions().mode() & 0o777, 0o600);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(Identity::create(other.path()).unwrap().id, a.id);
+        // A key whose certificate is gone is refused with what to do, and kept.
+        let d = state_dir(other.path());
+        std::fs::remove_file(d.join("cert.pem")).unwrap();
+        let key = std::fs::read(d.join("key.pem")).unwrap();
+        let e = Identity::create(other.path()).unwrap_err().to_string();
+        assert!(e.contains("holds a key") && e.contains("remove"), "{e}");
+        assert_eq!(std::fs::read(d.join("key.pem")).unwrap(), key);
+        // A certificate alone (a crash between the renames) is replaced.
+        std::fs::remove_file(d.join("key.pem")).unwrap();
+        std::fs::write(d.join("cert.pem"), b"stale").unwrap();
+        Identity::create(other.path()).unwrap();
+        Identity::load(other.path()).unwrap();
         assert!(matches!(
             Identity::load(&t.path().join("x")),
             Err(IdentityError::NoKey(_))

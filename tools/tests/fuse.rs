@@ -143,7 +143,12 @@ fn daemon_mode_and_hangup_unmount_cleanly() {
     }
     assert!(!geosync_tools::mount::is_mounted(&mnt));
     let start = std::time::Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    // (Exited: gone, or a zombie its adoptive parent has not reaped.)
+    let running = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| st.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+    };
+    while running() {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "the daemon did not exit after umount"
