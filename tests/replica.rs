@@ -185,3 +185,37 @@ fn a_version_stamped_hours_ahead_is_refused_and_the_clock_stays() {
         ReplicaOutcome::Applied(_)
     ));
 }
+
+/// Catalogs tell peers about names that went away: a removed image, the old
+/// name of a renamed one, and the target a rename replaced is there again.
+/// A name used again is an image again, not a removal.
+#[test]
+fn catalogs_report_removed_and_renamed_away_names() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::init(t.path(), &InitOptions::default()).unwrap();
+    for n in ["a", "b", "c", "d"] {
+        s.create_image(n, 1 << 20).unwrap();
+    }
+    let since = s.seq().unwrap();
+    s.remove_image("a").unwrap();
+    s.rename_image("b", "b2").unwrap();
+    s.replace_image("c", "d").unwrap();
+    let (seq, entries) = s.catalog_since(since).unwrap();
+    assert!(seq > since);
+    let mut got: Vec<(String, bool)> = entries.iter().map(|e| (e.name.clone(), e.deleted)).collect();
+    got.sort();
+    let want = [("a", true), ("b", true), ("b2", false), ("c", true), ("d", false)];
+    assert_eq!(got, want.map(|(n, d)| (n.to_string(), d)));
+    // Nothing since: nothing reported again.
+    assert!(s.catalog_since(seq).unwrap().1.is_empty());
+    // "a" again: an image, and no longer a removal, even from the start.
+    s.create_image("a", 1 << 20).unwrap();
+    let (_, all) = s.catalog_since(0).unwrap();
+    let a: Vec<bool> = all.iter().filter(|e| e.name == "a").map(|e| e.deleted).collect();
+    assert_eq!(a, [false]);
+    // What a catalog says survives a reopen.
+    drop(s);
+    let s = Store::open(t.path(), geosync_fs::OpenMode::ReadWrite).unwrap();
+    let (_, all) = s.catalog_since(0).unwrap();
+    assert!(all.iter().any(|e| e.name == "b" && e.deleted));
+}

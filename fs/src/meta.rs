@@ -18,6 +18,9 @@
 //!   gets only what changed since (replication).
 //! - `transfer_leases(image, holder, expires_ms)`: one replication transfer
 //!   per image at a time, across the daemons sharing this store.
+//! - `removed(name, seq, removed_ms)`: names whose image was removed or
+//!   renamed away, at which change sequence number, so catalogs tell peers
+//!   (forgotten when an image of that name exists again).
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -97,6 +100,12 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (image, version)
 ) WITHOUT ROWID, STRICT;
 CREATE INDEX IF NOT EXISTS history_stamp ON history(image, stamp_ms);
+CREATE TABLE IF NOT EXISTS removed (
+    name TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    removed_ms INTEGER NOT NULL
+) WITHOUT ROWID, STRICT;
+CREATE INDEX IF NOT EXISTS removed_seq ON removed(seq);
 CREATE TABLE IF NOT EXISTS transfer_leases (
     image TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -166,6 +175,20 @@ pub fn next_stamp(conn: &Connection, origin: NodeId) -> Result<Stamp> {
 }
 
 /// Bump and return the store's change sequence number.
+/// `name` no longer names an image as of change `seq` (removed, renamed away).
+pub fn record_removal(conn: &Connection, name: &str, seq: i64) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO removed(name, seq, removed_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![name, seq, now_ms() as i64])?;
+    Ok(())
+}
+
+/// An image named `name` exists (again).
+pub fn forget_removal(conn: &Connection, name: &str) -> Result<()> {
+    conn.prepare_cached("DELETE FROM removed WHERE name = ?1")?
+        .execute([name])?;
+    Ok(())
+}
+
 pub fn next_seq(conn: &Connection) -> Result<i64> {
     let seq = get_i64(conn, "seq")?.unwrap_or(0) + 1;
     set(conn, "seq", seq)?;

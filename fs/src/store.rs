@@ -1681,6 +1681,8 @@ impl Store {
             "UPDATE images SET name = ?2, seq = ?3 WHERE id = ?1",
             params![row.id, new, seq],
         )?;
+        meta::record_removal(&tx, old, seq)?;
+        meta::forget_removal(&tx, new)?;
         tx.commit()?;
         Ok(())
     }
@@ -1705,6 +1707,7 @@ impl Store {
             "UPDATE images SET name = ?2, seq = ?3 WHERE id = ?1",
             params![from.id, new, seq],
         )?;
+        meta::record_removal(&tx, old, seq)?;
         tx.commit()?;
         info!(old, new, "renamed, replacing the target");
         Ok(())
@@ -1721,7 +1724,8 @@ impl Store {
         tx.execute("DELETE FROM snapshots WHERE image = ?1", [row.id])?;
         tx.execute("DELETE FROM history WHERE image = ?1", [row.id])?;
         tx.execute("DELETE FROM images WHERE id = ?1", [row.id])?;
-        meta::next_seq(&tx)?;
+        let seq = meta::next_seq(&tx)?;
+        meta::record_removal(&tx, name, seq)?;
         tx.commit()?;
         info!(image = name, "removed image");
         Ok(())
@@ -2311,6 +2315,7 @@ fn insert_image(tx: &Transaction<'_>, name: &str, size: u64, node: NodeId) -> Re
     )?;
     let id = tx.last_insert_rowid();
     meta::record_history(tx, id, 1, &stamp)?;
+    meta::forget_removal(tx, name)?;
     Ok(id)
 }
 

@@ -866,7 +866,14 @@ impl Sync {
                     self.reqs.remove(&req);
                     let p = self.peers.get_mut(&peer).unwrap();
                     for e in p.staged.drain(..) {
-                        p.remote.insert(e.name.clone(), e);
+                        // A name the peer no longer has is forgotten (its
+                        // catalog would otherwise grow with every image it
+                        // ever held, and status show them in sync).
+                        if e.deleted {
+                            p.remote.remove(&e.name);
+                        } else {
+                            p.remote.insert(e.name.clone(), e);
+                        }
                     }
                     p.cursor = p.cursor.max(seq);
                     p.catalog_req = None;

@@ -81,7 +81,8 @@ impl Store {
     }
 
     /// Images changed after sequence number `since`, and the sequence
-    /// number this brings the reader to.
+    /// number this brings the reader to. Names removed (or renamed away)
+    /// since come as `deleted` entries, so a peer forgets them.
     pub fn catalog_since(&self, since: u64) -> Result<(u64, Vec<CatalogEntry>)> {
         let db = self.db();
         let tx = db.unchecked_transaction()?;
@@ -101,6 +102,20 @@ impl Store {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         drop(st);
+        let mut entries = entries;
+        // (A store opened read-only before the table existed has none.)
+        if let Ok(mut st) = tx.prepare_cached("SELECT name FROM removed WHERE seq > ?1 ORDER BY seq") {
+            let gone = st
+                .query_map([since as i64], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            entries.extend(gone.into_iter().map(|name| CatalogEntry {
+                name,
+                version: 0,
+                stamp: Stamp::default(),
+                size: 0,
+                deleted: true,
+            }));
+        }
         tx.finish()?;
         Ok((seq, entries))
     }
@@ -371,6 +386,7 @@ impl Store {
                         meta::now_ms() as i64
                     ],
                 )?;
+                meta::forget_removal(&tx, &plan.image)?;
                 (tx.last_insert_rowid(), 1)
             }
         };
