@@ -2,9 +2,11 @@
 //! refused when it arrives: the pull fails, the peer is reported for a
 //! protocol violation, and no block of it is fetched.
 
-use geosync_proto::sync::{Action, Config, Event, Policy, Sync};
+use geosync_proto::sync::{Action, Config, Event};
 use geosync_proto::wire::{CatalogEntry, MapChange, Message};
-use geosync_proto::{Hlc, NodeId, Stamp};
+use geosync_proto::NodeId;
+
+mod common;
 
 const BS: u64 = 65536;
 
@@ -24,18 +26,7 @@ fn pull_with_frames(frames: Vec<Frame>) -> (usize, usize, usize) {
         block_size: BS,
         ..Config::default()
     };
-    let all = Policy {
-        pull: vec!["*".into()],
-        push: vec!["*".into()],
-    };
-    let mut sm = Sync::new(cfg, [(peer, all)], 3);
-    let stamp = Stamp {
-        hlc: Hlc {
-            wall_ms: 9,
-            counter: 0,
-        },
-        origin: peer,
-    };
+    let (mut sm, stamp) = common::one_peer(peer, cfg, 3, 9);
     let (mut blocks, mut violations, mut failures, mut catalogs) = (0, 0, 0, 0);
     let mut now = 0;
     sm.handle(now, Event::PeerUp(peer));
@@ -82,11 +73,7 @@ fn pull_with_frames(frames: Vec<Frame>) -> (usize, usize, usize) {
                         }
                         other => panic!("unexpected request {other:?}"),
                     };
-                    for msg in replies {
-                        sm.handle(now, Event::Frame { peer, req, msg });
-                    }
-                    let reason = "reply ended".to_string();
-                    sm.handle(now, Event::Failed { peer, req, reason });
+                    common::reply(&mut sm, now, peer, req, replies);
                 }
                 Action::AcquireLease { image } => sm.handle(now, Event::Lease { image, granted: true }),
                 Action::CheckMissing { image, hashes } => sm.handle(now, Event::Missing { image, hashes }),

@@ -2,9 +2,11 @@
 //! gone (removed, renamed away) is forgotten, so the kept catalog does not
 //! grow with every image the peer ever held and status does not show it.
 
-use geosync_proto::sync::{Action, Config, Event, Policy, Sync};
+use geosync_proto::sync::{Action, Config, Event};
 use geosync_proto::wire::{CatalogEntry, Message};
-use geosync_proto::{Hlc, NodeId, Stamp};
+use geosync_proto::NodeId;
+
+mod common;
 
 #[test]
 fn names_the_peer_reports_gone_are_forgotten() {
@@ -13,18 +15,7 @@ fn names_the_peer_reports_gone_are_forgotten() {
         catalog_interval_ms: 100,
         ..Config::default()
     };
-    let all = Policy {
-        pull: vec!["*".into()],
-        push: vec!["*".into()],
-    };
-    let mut sm = Sync::new(cfg, [(peer, all)], 5);
-    let stamp = Stamp {
-        hlc: Hlc {
-            wall_ms: 3,
-            counter: 0,
-        },
-        origin: peer,
-    };
+    let (mut sm, stamp) = common::one_peer(peer, cfg, 5, 3);
     let entry = |name: &str, deleted: bool| CatalogEntry {
         name: name.into(),
         version: 1,
@@ -52,9 +43,7 @@ fn names_the_peer_reports_gone_are_forgotten() {
                         entries: replies[seen.len()].clone(),
                         more: false,
                     };
-                    sm.handle(now, Event::Frame { peer, req, msg });
-                    let reason = "reply ended".to_string();
-                    sm.handle(now, Event::Failed { peer, req, reason });
+                    common::reply(&mut sm, now, peer, req, vec![msg]);
                     let names = sm.remote_catalog(&peer).unwrap().keys().cloned().collect();
                     seen.push(names);
                 }

@@ -4,9 +4,11 @@
 
 use std::collections::VecDeque;
 
-use geosync_proto::sync::{Action, ApplyOutcome, Config, Event, Policy, ReqId, Sync};
+use geosync_proto::sync::{Action, ApplyOutcome, Config, Event, ReqId};
 use geosync_proto::wire::{CatalogEntry, Hash, MapChange, Message};
-use geosync_proto::{Hlc, NodeId, Stamp};
+use geosync_proto::NodeId;
+
+mod common;
 
 #[test]
 fn a_pull_waiting_for_another_pulls_blocks_waits_while_they_come() {
@@ -18,18 +20,7 @@ fn a_pull_waiting_for_another_pulls_blocks_waits_while_they_come() {
         max_transfers: 2,
         ..Config::default()
     };
-    let all = Policy {
-        pull: vec!["*".into()],
-        push: vec!["*".into()],
-    };
-    let mut sm = Sync::new(cfg, [(peer, all)], 1);
-    let stamp = Stamp {
-        hlc: Hlc {
-            wall_ms: 5,
-            counter: 0,
-        },
-        origin: peer,
-    };
+    let (mut sm, stamp) = common::one_peer(peer, cfg, 1, 5);
     // Both images are the same six blocks (two clones of one base).
     let blocks: Vec<Hash> = (0..6u8).map(|i| [i + 1; 32]).collect();
     let entry = |name: &str| CatalogEntry {
@@ -85,11 +76,7 @@ fn a_pull_waiting_for_another_pulls_blocks_waits_while_they_come() {
                         }
                         other => panic!("unexpected request {other:?}"),
                     };
-                    for msg in reply {
-                        sm.handle(now, Event::Frame { peer, req, msg });
-                    }
-                    let reason = "reply ended".to_string();
-                    sm.handle(now, Event::Failed { peer, req, reason });
+                    common::reply(&mut sm, now, peer, req, reply);
                 }
                 Action::AcquireLease { image } => sm.handle(now, Event::Lease { image, granted: true }),
                 Action::CheckMissing { image, hashes } => sm.handle(now, Event::Missing { image, hashes }),
