@@ -78,6 +78,11 @@ impl VfsConfig {
     fn half_limit(&self) -> usize {
         (self.dirty_limit / 2).max(1)
     }
+
+    /// Sealed bytes of an image that start a flush.
+    fn flush_bytes(&self) -> usize {
+        self.flush_at.max(1)
+    }
 }
 
 impl Default for VfsConfig {
@@ -700,7 +705,7 @@ impl Vfs {
                         o.writes_lost(h.name(), &e);
                         None
                     });
-                let flush = if h.staged_bytes() >= self.cfg.flush_at.max(1) {
+                let flush = if h.staged_bytes() >= self.cfg.flush_bytes() {
                     h.begin_flush().unwrap_or_else(|e| {
                         o.writes_lost(h.name(), &e);
                         None
@@ -861,7 +866,7 @@ impl Vfs {
         // ones past `flush_at` (a full commit here: copies are rare).
         let full = {
             let h = dst.read();
-            h.dirty_bytes() >= self.cfg.half_limit() || h.staged_bytes() >= self.cfg.flush_at.max(1)
+            h.dirty_bytes() >= self.cfg.half_limit() || h.staged_bytes() >= self.cfg.flush_bytes()
         };
         if full {
             self.commit_open(&dst)?;

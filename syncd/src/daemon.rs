@@ -1113,14 +1113,8 @@ async fn serve_stream(
         shared.metrics.error("protocol");
         conn.close(VarInt::from_u32(close::PROTOCOL), why.as_bytes());
     };
-    let stalled = |what: &str| {
-        warn!(%peer, timeout_s = shared.stall.as_secs_f64(), "peer stalled {what}; stream dropped");
-        shared.metrics.error("stalled");
-    };
-    let Ok(first) = tokio::time::timeout(shared.stall, read_frame(&mut recv)).await else {
-        let _ = recv.stop(VarInt::from_u32(close::STALLED));
-        let _ = send.reset(VarInt::from_u32(close::STALLED));
-        return stalled("sending its request");
+    let Some(first) = read_request_frame(&shared, peer, &mut send, &mut recv).await else {
+        return;
     };
     let req = match first {
         Ok(Some((m, n))) => {
@@ -1135,10 +1129,8 @@ async fn serve_stream(
         Err(FrameError::Read(_)) => return,
         Err(e) => return violation(e.to_string()),
     };
-    let Ok(end) = tokio::time::timeout(shared.stall, read_frame(&mut recv)).await else {
-        let _ = recv.stop(VarInt::from_u32(close::STALLED));
-        let _ = send.reset(VarInt::from_u32(close::STALLED));
-        return stalled("finishing its request");
+    let Some(end) = read_request_frame(&shared, peer, &mut send, &mut recv).await else {
+        return;
     };
     match end {
         Ok(None) => {}
@@ -1174,15 +1166,8 @@ async fn serve_stream(
                 block_size: ours,
             }
         };
-        match send_frame(&shared, peer, &mut send, reply).await {
-            Sent::Ok => {
-                let _ = send.finish();
-            }
-            Sent::Failed => {}
-            Sent::Stalled => {
-                let _ = send.reset(VarInt::from_u32(close::STALLED));
-                stalled("reading our reply");
-            }
+        if send_frame(&shared, peer, &mut send, reply).await {
+            let _ = send.finish();
         }
         return;
     }
@@ -1215,15 +1200,7 @@ async fn serve_stream(
                 }
             }
         }
-        ok = match send_frame(&shared, peer, &mut send, f).await {
-            Sent::Ok => true,
-            Sent::Failed => false,
-            Sent::Stalled => {
-                let _ = send.reset(VarInt::from_u32(close::STALLED));
-                stalled("reading our reply");
-                false
-            }
-        };
+        ok = send_frame(&shared, peer, &mut send, f).await;
     }
     match task.await {
         Ok(Ok(Some(image))) => {
@@ -1239,24 +1216,46 @@ async fn serve_stream(
     }
 }
 
-/// How sending a frame went.
-enum Sent {
-    Ok,
-    /// The stream failed (the peer reset it, the connection closed).
-    Failed,
-    /// The peer made no room for it within the stall timeout.
-    Stalled,
+/// A peer that left a stream idle past the stall timeout: counted, logged.
+fn stalled(shared: &Shared, peer: NodeId, what: &str) {
+    warn!(%peer, timeout_s = shared.stall.as_secs_f64(), "peer stalled {what}; stream dropped");
+    shared.metrics.error("stalled");
 }
 
-/// Send one reply frame, paced by the peer's bandwidth limit.
-async fn send_frame(shared: &Shared, peer: NodeId, send: &mut quinn::SendStream, f: Message) -> Sent {
+/// Read one frame of a request within the stall timeout; `None` (the
+/// stream stopped and reset) if the peer sent nothing for that long.
+async fn read_request_frame(
+    shared: &Shared,
+    peer: NodeId,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Option<Result<Option<(Message, usize)>, FrameError>> {
+    match tokio::time::timeout(shared.stall, read_frame(recv)).await {
+        Ok(r) => Some(r),
+        Err(_) => {
+            let _ = recv.stop(VarInt::from_u32(close::STALLED));
+            let _ = send.reset(VarInt::from_u32(close::STALLED));
+            stalled(shared, peer, "sending its request");
+            None
+        }
+    }
+}
+
+/// Send one reply frame, paced by the peer's bandwidth limit; false if the
+/// stream failed, or the peer made no room for it within the stall timeout
+/// (then the stream is reset).
+async fn send_frame(shared: &Shared, peer: NodeId, send: &mut quinn::SendStream, f: Message) -> bool {
     let mut b = Vec::new();
     f.encode(&mut b);
     shared.pace(peer, b.len()).await;
     match tokio::time::timeout(shared.stall, send.write_all(&b)).await {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => return Sent::Failed,
-        Err(_) => return Sent::Stalled,
+        Ok(Err(_)) => return false,
+        Err(_) => {
+            let _ = send.reset(VarInt::from_u32(close::STALLED));
+            stalled(shared, peer, "reading our reply");
+            return false;
+        }
     }
     let pl = shared.peer_label(&peer);
     shared
@@ -1267,7 +1266,7 @@ async fn send_frame(shared: &Shared, peer: NodeId, send: &mut quinn::SendStream,
     if matches!(f, Message::Block { .. }) {
         shared.metrics.blocks_sent.get_or_create(&pl).inc();
     }
-    Sent::Ok
+    true
 }
 
 static CORRUPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -78,12 +78,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let dir = geosync_syncd::identity::state_dir(&store);
             let id = match Identity::create(&store) {
-                Ok(id) => id,
-                Err(IdentityError::Exists(..)) => {
-                    let id = Identity::load(&store)?;
-                    if st.node_id() == id.id {
+                Ok(me) => me.id,
+                Err(IdentityError::Exists(_, id)) => {
+                    if st.node_id() == id {
                         eprintln!("syncd: {} has this store's key already", dir.display());
-                        println!("{}", id.id);
+                        println!("{id}");
                         return Ok(());
                     }
                     if !adopt_key {
@@ -93,7 +92,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                              `syncd init --store {} --adopt-key`; if it came from another node, \
                              remove {} and run `syncd init` for a key of this node's own",
                             dir.display(),
-                            id.id,
+                            id,
                             st.node_id(),
                             store.display(),
                             dir.display()
@@ -103,13 +102,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            st.set_node_id(id.id)
-                .context("recording the node id in the store")?;
-            eprintln!(
-                "syncd: key in {}; give this node id to its peers:",
-                geosync_syncd::identity::state_dir(&store).display()
-            );
-            println!("{}", id.id);
+            st.set_node_id(id).context("recording the node id in the store")?;
+            eprintln!("syncd: key in {}; give this node id to its peers:", dir.display());
+            println!("{id}");
             Ok(())
         }
         Cmd::Run { config } => {

@@ -90,7 +90,7 @@ impl Store {
         let mut st = tx.prepare_cached(
             "SELECT name, version, stamp_ms, stamp_ctr, origin, size FROM images WHERE seq > ?1 ORDER BY seq",
         )?;
-        let entries = st
+        let mut entries = st
             .query_map([since as i64], |r| {
                 Ok(CatalogEntry {
                     name: r.get(0)?,
@@ -102,7 +102,6 @@ impl Store {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         drop(st);
-        let mut entries = entries;
         // (A store opened read-only before the table existed has none.)
         if let Ok(mut st) = tx.prepare_cached("SELECT name FROM removed WHERE seq > ?1 ORDER BY seq") {
             let gone = st
