@@ -516,6 +516,47 @@ fn bad_input_is_refused_clearly() {
     assert!(matches!(e, Error::InvalidArgument(_)));
 }
 
+/// A new pack's row and name are made durable by the first commit that uses
+/// it, not when it is made. A crash of the machine before that commit can
+/// keep the file (a sibling's sync synced the directory) and lose the row,
+/// its number with it: reopening moves the numbering past the file (a new
+/// pack by that number would find it there and every write would fail), and
+/// `gc` removes it.
+#[test]
+fn a_pack_file_whose_row_was_lost_is_not_numbered_again() {
+    let (d, s) = new_store();
+    s.create_image("vm", 64 * BS).unwrap();
+    write_commit(&s, "vm", 0, &noise(1, 8 * BS as usize));
+    drop(s);
+    let packs = d.path().join("packs");
+    let mut ids: Vec<u64> = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| {
+            u64::from_str_radix(
+                e.unwrap().file_name().to_str().unwrap().trim_end_matches(".pack"),
+                16,
+            )
+            .unwrap()
+        })
+        .collect();
+    ids.sort();
+    let next = ids.last().unwrap() + 1;
+    let left = packs.join(format!("{next:016x}.pack"));
+    std::fs::copy(packs.join(format!("{:016x}.pack", ids[0])), &left).unwrap();
+
+    let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap();
+    let want = noise(2, 8 * BS as usize);
+    write_commit(&s, "vm", 8 * BS, &want);
+    assert_eq!(read_all(&s, "vm")[8 * BS as usize..16 * BS as usize], want[..]);
+    assert!(s.gc(false).unwrap().delete_packs.contains(&next));
+    assert!(!left.exists(), "gc removes the pack left behind");
+    assert_eq!(
+        read_all(&s, "vm")[..8 * BS as usize],
+        noise(1, 8 * BS as usize)[..]
+    );
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+}
+
 fn rusqlite_conn(p: &std::path::Path) -> rusqlite::Connection {
     rusqlite::Connection::open(p).unwrap()
 }

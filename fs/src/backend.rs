@@ -6,19 +6,20 @@
 //!   file handles are cached; page-aligned appends go through a second file
 //!   descriptor opened with `O_DIRECT` (no copy into the page cache), others
 //!   (a pack's header), and all on filesystems without `O_DIRECT` (tmpfs),
-//!   are buffered; `sync` is `fdatasync` and creating a pack also syncs the
-//!   directory.
+//!   are buffered; `sync` is `fdatasync`, and the first `sync` of a new pack
+//!   also syncs the directory (once for every pack created before it: a
+//!   1 GiB flush fills ~16 packs and syncs the directory once, not 16 times).
 //! - [`MemPacks`]: in memory, for tests; shareable so a test can "reopen".
 //! - [`FaultPacks`]: wraps another implementation and injects failures —
 //!   a failing `sync`, a short (torn) write, `ENOSPC` after a byte budget —
 //!   and simulates a crash by dropping every byte appended since the last
 //!   successful `sync` of each pack.
 //!
-//! Contract: bytes passed to `append` are durable only after `sync` on that
-//! pack returned `Ok`. After a failed `append` or `sync` the caller must not
+//! Contract: bytes passed to `append` — and a new pack's name — are durable
+//! only after `sync` on that pack returned `Ok`. After a failed `append` or `sync` the caller must not
 //! assume anything about the pack's tail (it abandons the pack).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -84,6 +85,8 @@ pub struct DiskPacks {
     /// O_DIRECT descriptors, for aligned appends and large reads (`None`:
     /// the filesystem refuses O_DIRECT), least recently used dropped first.
     direct: Mutex<lru::LruCache<PackId, Option<Arc<File>>>>,
+    /// Packs created whose directory entry may not be durable yet.
+    new_names: Mutex<HashSet<PackId>>,
 }
 
 /// Open descriptors of packs. Bounded: a scrub, a GC or a long-lived mount
@@ -117,6 +120,7 @@ impl DiskPacks {
                 open: lru::LruCache::new(limit),
             }),
             direct: Mutex::new(lru::LruCache::new(limit)),
+            new_names: Mutex::new(HashSet::new()),
         })
     }
 
@@ -132,6 +136,19 @@ impl DiskPacks {
             .filter(|(_, f)| f.is_some())
             .count();
         (f.claimed.len(), f.open.len(), direct)
+    }
+
+    /// Sync the directory: the names of every pack created before now (and
+    /// removals) become durable. A name leaves `new_names` only once a sync
+    /// that started after its creation has returned.
+    fn sync_names(&self) -> io::Result<()> {
+        let names: Vec<PackId> = self.new_names.lock().unwrap().iter().copied().collect();
+        sync_dir(&self.dir)?;
+        let mut new = self.new_names.lock().unwrap();
+        for id in names {
+            new.remove(&id);
+        }
+        Ok(())
     }
 
     /// The file name of a pack.
@@ -201,7 +218,9 @@ impl PackStorage for DiskPacks {
             .open(self.path(id))?;
         f.try_lock()
             .map_err(|e| io::Error::other(format!("claiming new pack {id}: {e}")))?;
-        sync_dir(&self.dir)?;
+        // The name becomes durable with the pack's first sync (nothing may
+        // rely on a pack before it is synced).
+        self.new_names.lock().unwrap().insert(id);
         self.files.lock().unwrap().claimed.insert(id, Arc::new(f));
         Ok(())
     }
@@ -239,7 +258,11 @@ impl PackStorage for DiskPacks {
     }
 
     fn sync(&self, id: PackId) -> io::Result<()> {
-        self.file(id)?.sync_data()
+        self.file(id)?.sync_data()?;
+        if self.new_names.lock().unwrap().contains(&id) {
+            self.sync_names()?;
+        }
+        Ok(())
     }
 
     fn len(&self, id: PackId) -> io::Result<u64> {
@@ -328,8 +351,9 @@ impl PackStorage for DiskPacks {
             files.open.pop(&id);
         }
         self.direct.lock().unwrap().pop(&id);
+        self.new_names.lock().unwrap().remove(&id);
         fs::remove_file(self.path(id))?;
-        sync_dir(&self.dir)
+        self.sync_names()
     }
 
     fn try_claim(&self, id: PackId) -> io::Result<bool> {
@@ -548,13 +572,20 @@ impl<S: PackStorage> FaultPacks<S> {
     }
 
     /// Simulate power loss: every pack loses what was appended after its
-    /// last successful sync; packs created but never synced lose everything.
+    /// last successful sync; packs created but never synced are gone.
     /// The plan is cleared (the machine "reboots").
     pub fn crash(&self) {
         let mut st = self.state.lock().unwrap();
         for id in self.inner.list().unwrap_or_default() {
-            let keep = st.synced.get(&id).copied().unwrap_or(0);
-            let _ = self.inner.truncate(id, keep);
+            match st.synced.get(&id).copied() {
+                Some(keep) => {
+                    let _ = self.inner.truncate(id, keep);
+                }
+                // Its name was never synced: the file is gone.
+                None => {
+                    let _ = self.inner.remove(id);
+                }
+            }
         }
         st.plan = FaultPlan::default();
     }
@@ -576,10 +607,8 @@ impl<S: PackStorage> PackStorage for FaultPacks<S> {
         Ok(ids)
     }
     fn create(&self, id: PackId) -> io::Result<()> {
-        self.inner.create(id)?;
-        // Creating is durable at once (the directory entry is synced), empty.
-        self.state.lock().unwrap().synced.insert(id, 0);
-        Ok(())
+        // Durable only with its first sync (`DiskPacks` syncs the name then).
+        self.inner.create(id)
     }
     fn append(&self, id: PackId, data: &[u8]) -> io::Result<()> {
         let mut st = self.state.lock().unwrap();
@@ -706,6 +735,32 @@ mod tests {
         exercise(&DiskPacks::new(dir.path().join("packs")).unwrap());
         exercise(&MemPacks::new());
         exercise(&FaultPacks::new(MemPacks::new()));
+    }
+
+    #[test]
+    fn a_new_packs_name_is_synced_with_its_first_sync_for_all_made_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = DiskPacks::new(dir.path()).unwrap();
+        let pending = || {
+            let mut v: Vec<_> = p.new_names.lock().unwrap().iter().copied().collect();
+            v.sort();
+            v
+        };
+        for id in 1..=3 {
+            p.create(id).unwrap();
+        }
+        assert_eq!(pending(), [1, 2, 3]);
+        p.sync(2).unwrap();
+        assert_eq!(
+            pending(),
+            [] as [PackId; 0],
+            "one directory sync covers every name made before it"
+        );
+        p.create(4).unwrap();
+        p.sync(1).unwrap();
+        assert_eq!(pending(), [4], "a sync of an older pack needs no directory sync");
+        p.remove(4).unwrap();
+        assert_eq!(pending(), [] as [PackId; 0]);
     }
 
     #[test]

@@ -142,6 +142,21 @@ pub fn configure(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Run `f` with commits that reach the WAL but are not synced
+/// (`synchronous=NORMAL`): they become durable with the next synced commit
+/// on the same WAL (any connection's), or are lost with a crash of the
+/// machine before it, as one whole transaction. Only for rows no commit
+/// relies on until it has made them durable itself.
+pub fn unsynced<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let r = f(conn);
+    // Sets a flag on the connection (no I/O, no lock): cannot fail but by a
+    // broken connection, and one left unsynced must not commit again.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .expect("restoring synchronous=FULL on the store's connection");
+    r
+}
+
 pub fn get_i64(conn: &Connection, key: &str) -> Result<Option<i64>> {
     Ok(conn
         .query_row("SELECT value FROM store WHERE key = ?1", [key], |r| r.get(0))
