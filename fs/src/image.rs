@@ -1608,7 +1608,10 @@ impl ImageHandle {
         self.sealing_bytes = 0;
         self.epoch += 1; // results of jobs still running are dropped
         self.staged.clear();
-        self.new_blocks.lock().unwrap().clear();
+        // A new map, not `clear()`, which keeps the table: a long write's
+        // ~16k entries made every later commit's copy of the map (try_commit)
+        // a 2 MB copy, ~0.2 ms of each `fsync` under random writes.
+        *self.new_blocks.lock().unwrap() = HashMap::new();
         self.shared.clear();
         self.store.unpin_packs(std::mem::take(&mut self.touched));
         self.trunc_from = None;
