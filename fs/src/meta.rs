@@ -150,10 +150,19 @@ pub fn configure(conn: &Connection) -> Result<()> {
 pub fn unsynced<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     let r = f(conn);
-    // Sets a flag on the connection (no I/O, no lock): cannot fail but by a
-    // broken connection, and one left unsynced must not commit again.
-    conn.pragma_update(None, "synchronous", "FULL")
-        .expect("restoring synchronous=FULL on the store's connection");
+    // Sets a flag on the connection; it can fail only if the schema must be
+    // read again and that fails (BUSY, I/O). Tried again for a while; a
+    // connection left unsynced must never commit again, so past that the
+    // store's connection is given up (its mutex poisoned: the mount fails
+    // every later request rather than acknowledge writes it did not sync).
+    let mut tries = 0;
+    while let Err(e) = conn.pragma_update(None, "synchronous", "FULL") {
+        tries += 1;
+        if tries == 50 {
+            panic!("restoring synchronous=FULL on the store's connection failed: {e}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     r
 }
 

@@ -666,32 +666,7 @@ impl Store {
         // are not synced until a commit relies on the pack) must not have its
         // number handed out again: `create` would find the file there.
         if let Some(&max) = files.iter().max() {
-            let mut db = self.db();
-            let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let seq: Option<i64> = tx
-                .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'packs'", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            if (max as i64) > seq.unwrap_or(0) {
-                warn!(
-                    pack = max,
-                    "pack files past the last numbered pack (left by a crash of the machine before \
-                     any commit used them; `geosync gc` removes them)"
-                );
-                if seq.is_some() {
-                    tx.execute(
-                        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'packs'",
-                        [max as i64],
-                    )?;
-                } else {
-                    tx.execute(
-                        "INSERT INTO sqlite_sequence(name, seq) VALUES ('packs', ?1)",
-                        [max as i64],
-                    )?;
-                }
-            }
-            tx.commit()?;
+            self.number_packs_past(max)?;
         }
         // A GC in another process may remove a pack (file, then row) while
         // this runs: one gone by the time it is looked at is skipped.
@@ -740,6 +715,37 @@ impl Store {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Make sure no pack gets a number up to `max` again (see `recover`).
+    /// Checked first without the write lock, which an open should not wait
+    /// for: there is almost always nothing to do.
+    fn number_packs_past(&self, max: PackId) -> Result<()> {
+        const SEQ: &str = "SELECT seq FROM sqlite_sequence WHERE name = 'packs'";
+        let seq = |db: &Connection| -> rusqlite::Result<Option<i64>> {
+            db.query_row(SEQ, [], |r| r.get(0)).optional()
+        };
+        if seq(&self.db())?.unwrap_or(0) >= max as i64 {
+            return Ok(());
+        }
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = seq(&tx)?;
+        if now.unwrap_or(0) < max as i64 {
+            warn!(
+                pack = max,
+                "pack files past the last numbered pack (left by a crash of the machine before \
+                 any commit used them; `geosync gc` removes them)"
+            );
+            let sql = if now.is_some() {
+                "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'packs'"
+            } else {
+                "INSERT INTO sqlite_sequence(name, seq) VALUES ('packs', ?1)"
+            };
+            tx.execute(sql, [max as i64])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -967,9 +973,11 @@ impl Store {
         // A pack that could not be made leaves nothing behind: no row, no
         // file, no claim (on a full disk every seal job tries again, and
         // claimed descriptors are not bounded by the descriptor cache).
-        // (The number is new: no one else has a file of that name.)
         let abandon = |e: io::Error, context: String| {
-            match p.remove(id) {
+            // A file already there is not ours to remove (recovery moves the
+            // numbering past such files, so this is not expected).
+            let theirs = e.kind() == io::ErrorKind::AlreadyExists;
+            match if theirs { Ok(()) } else { p.remove(id) } {
                 Ok(()) => {}
                 Err(re) if re.kind() == io::ErrorKind::NotFound => {}
                 Err(re) => {
