@@ -2021,11 +2021,9 @@ impl Store {
             // A replaced row that no snapshot pins (born after the newest
             // one) is deleted outright: marking it dead for the prune below
             // to delete touched three more index entries per changed block.
-            let newest_snapshot: Option<i64> = tx.query_row(
-                "SELECT MAX(version) FROM snapshots WHERE image = ?1",
-                [c.image_id],
-                |r| r.get(0),
-            )?;
+            let newest_snapshot: Option<i64> = tx
+                .prepare_cached("SELECT MAX(version) FROM snapshots WHERE image = ?1")?
+                .query_row([c.image_id], |r| r.get(0))?;
             let mut drop_row = tx.prepare_cached(
                 "DELETE FROM map WHERE image = ?1 AND block = ?2 AND died IS NULL AND born > ?3",
             )?;
@@ -2261,13 +2259,10 @@ fn image_row(conn: &Connection, name: &str) -> Result<ImageRow> {
 }
 
 fn image_row_by_id(conn: &Connection, id: i64, name: &str) -> Result<ImageRow> {
-    conn.query_row(
-        &format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"),
-        [id],
-        image_from_row,
-    )
-    .optional()?
-    .ok_or_else(|| Error::NoSuchImage(name.into()))
+    conn.prepare_cached(&format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"))?
+        .query_row([id], image_from_row)
+        .optional()?
+        .ok_or_else(|| Error::NoSuchImage(name.into()))
 }
 
 fn snapshots_of(conn: &Connection, image: i64) -> Result<Vec<SnapshotInfo>> {
@@ -2372,19 +2367,19 @@ fn insert_image(tx: &Transaction<'_>, name: &str, size: u64, node: NodeId) -> Re
 fn bump_version(tx: &Transaction<'_>, row: &ImageRow, v: u64, size: u64, node: NodeId) -> Result<Stamp> {
     let stamp = meta::next_stamp(tx, node)?;
     let seq = meta::next_seq(tx)?;
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE images SET version = ?2, size = ?3, stamp_ms = ?4, stamp_ctr = ?5, origin = ?6, seq = ?7
           WHERE id = ?1",
-        params![
-            row.id,
-            v as i64,
-            size as i64,
-            stamp.hlc.wall_ms as i64,
-            stamp.hlc.counter as i64,
-            &stamp.origin.0[..],
-            seq
-        ],
-    )?;
+    )?
+    .execute(params![
+        row.id,
+        v as i64,
+        size as i64,
+        stamp.hlc.wall_ms as i64,
+        stamp.hlc.counter as i64,
+        &stamp.origin.0[..],
+        seq
+    ])?;
     meta::record_history(tx, row.id, v, &stamp)?;
     Ok(stamp)
 }
