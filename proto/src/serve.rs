@@ -6,6 +6,9 @@
 //! before anything is read: a catalog lists only images the peer may pull,
 //! and a pull of any other image is refused with `FORBIDDEN` — the same
 //! answer as for an image that does not exist, so names do not leak.
+//! Blocks are asked for by hash alone: a peer that may pull no image at all
+//! gets `FORBIDDEN` for each (one that may pull some image can still fetch
+//! any block whose hash it knows: per-image checks are not done).
 //! A frame that is not a request is a [`Violation`]: the driver closes the
 //! connection.
 
@@ -146,6 +149,14 @@ pub fn serve(
                     hashes.len()
                 )));
             }
+            if policy.pull.is_empty() {
+                // It is named in no map this peer may read. One answer per
+                // hash, as the requester counts them.
+                for _ in hashes {
+                    emit(err(code::FORBIDDEN, "you may pull no image from this node"));
+                }
+                return Ok(None);
+            }
             for h in hashes {
                 match src.block(h) {
                     Ok(Some(b)) => emit(Message::Block {
@@ -164,4 +175,64 @@ pub fn serve(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Has every block; counts the reads.
+    struct AllBlocks(Cell<usize>);
+
+    impl Source for AllBlocks {
+        fn catalog_since(&self, since: u64) -> Result<(u64, Vec<CatalogEntry>), String> {
+            Ok((since, vec![]))
+        }
+        fn map(&self, _: &str, _: Option<Stamp>) -> Result<Option<MapView>, String> {
+            Ok(None)
+        }
+        fn block(&self, _: &Hash) -> Result<Option<StoredBlock>, String> {
+            self.0.set(self.0.get() + 1);
+            Ok(Some(StoredBlock {
+                codec: 0,
+                raw_len: 1,
+                payload: vec![7],
+            }))
+        }
+    }
+
+    fn ask(policy: &Policy, src: &AllBlocks) -> Vec<Message> {
+        let req = Message::BlockRequest {
+            hashes: vec![[1; 32], [2; 32]],
+        };
+        let mut out = Vec::new();
+        serve(policy, &req, src, &mut |m| out.push(m)).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_peer_that_may_pull_nothing_gets_no_block() {
+        let src = AllBlocks(Cell::new(0));
+        let push_only = Policy {
+            pull: vec![],
+            push: vec!["*".into()],
+        };
+        let r = ask(&push_only, &src);
+        assert_eq!(r.len(), 2, "one answer per hash: {r:?}");
+        assert!(
+            r.iter()
+                .all(|m| matches!(m, Message::Error { code, .. } if *code == code::FORBIDDEN)),
+            "{r:?}"
+        );
+        assert_eq!(src.0.get(), 0, "nothing read");
+
+        let puller = Policy {
+            pull: vec!["pub-*".into()],
+            push: vec![],
+        };
+        let r = ask(&puller, &src);
+        assert!(r.iter().all(|m| matches!(m, Message::Block { .. })), "{r:?}");
+        assert_eq!(src.0.get(), 2);
+    }
 }
