@@ -749,10 +749,6 @@ fn seal_blocks(
     pinned: &mut Vec<PackId>,
 ) -> Result<SealOutput> {
     let t0 = std::time::Instant::now();
-    let merged: Vec<bool> = blocks
-        .iter()
-        .map(|(_, _, d)| matches!(d, Dirty::Merge(_)))
-        .collect();
     let compress = matches!(store.config().compression, pack::Compression::Zstd(_));
     let (blocks, names) = merge_blocks(store, known, image, blocks, compress)?;
     let t_merge = t0.elapsed();
@@ -782,9 +778,10 @@ fn seal_blocks(
     {
         let known = known.lock().unwrap();
         let mut seen: HashSet<BlockHash> = HashSet::new();
-        for ((((_, _, h), worth), (_, _, d)), merged) in named.iter().zip(&worth).zip(blocks).zip(&merged) {
+        // (A block has a name from `merge_blocks` only if it was merged.)
+        for ((((_, _, h), worth), (_, _, d)), pre) in named.iter().zip(&worth).zip(blocks).zip(&names) {
             if let (Some(h), Dirty::Data(data)) = (h, d) {
-                if *merged {
+                if pre.is_some() {
                     // A block written in part is likely written in part
                     // again soon (a journal, an inode table): its next
                     // merge then needs no disk read, in the fsync's path.
