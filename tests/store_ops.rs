@@ -568,7 +568,9 @@ fn a_pack_number_whose_file_exists_fails_the_commit_and_keeps_the_file() {
     drop(s);
     let s = Store::open(d.path(), OpenMode::ReadWrite).unwrap(); // a process with no pack yet
     let seq: i64 = rusqlite_conn(&d.path().join("meta.db"))
-        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'packs'", [], |r| r.get(0))
+        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'packs'", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     let theirs = d.path().join("packs").join(format!("{:016x}.pack", seq + 1));
     std::fs::write(&theirs, b"not ours").unwrap();
@@ -576,13 +578,19 @@ fn a_pack_number_whose_file_exists_fails_the_commit_and_keeps_the_file() {
     let mut h = s.open_image("vm").unwrap();
     h.write(4 * BS, &noise(2, 4 * BS as usize)).unwrap();
     let e = h.commit().unwrap_err();
-    assert!(e.to_string().contains(&format!("creating pack {}", seq + 1)), "{e}");
+    assert!(
+        e.to_string().contains(&format!("creating pack {}", seq + 1)),
+        "{e}"
+    );
     drop(h);
     assert_eq!(std::fs::read(&theirs).unwrap(), b"not ours");
     write_commit(&s, "vm", 4 * BS, &noise(3, 4 * BS as usize));
     let got = read_all(&s, "vm");
     assert_eq!(got[..4 * BS as usize], noise(1, 4 * BS as usize)[..]);
-    assert_eq!(got[4 * BS as usize..8 * BS as usize], noise(3, 4 * BS as usize)[..]);
+    assert_eq!(
+        got[4 * BS as usize..8 * BS as usize],
+        noise(3, 4 * BS as usize)[..]
+    );
 }
 
 fn rusqlite_conn(p: &std::path::Path) -> rusqlite::Connection {
