@@ -330,3 +330,50 @@ fn a_truncate_that_cannot_read_the_new_last_block_changes_nothing() {
         );
     }
 }
+
+#[test]
+fn once_a_block_was_read_whole_damage_fails_only_the_reads_of_its_damaged_piece() {
+    // A raw block read whole leaves its piece proof: small reads of it then
+    // read and verify only the 4 KiB pieces they need. Damage to one piece
+    // is an integrity error for reads that include it, whatever was read
+    // before; reads of its other pieces return their proven bytes.
+    const BIG: u64 = 16 * 1024;
+    let (d, s) = geosync_suite::kit::disk_store(BIG as u32);
+    let a = noise(3, 4 * BIG as usize);
+    s.create_image("a", a.len() as u64).unwrap();
+    let mut h = s.open_image("a").unwrap();
+    h.write(0, &a).unwrap();
+    h.commit().unwrap();
+    s.set_read_cache(0); // every read goes to the pack
+    let piece = |h: &geosync_fs::ImageHandle, at: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        h.read(at, &mut buf).map(|_| buf)
+    };
+    // Read whole once (its first piece asked for): the proof is kept.
+    assert_eq!(piece(&h, BIG, 4096).unwrap(), a[BIG as usize..][..4096]);
+    // (A disabled cache still keeps the last block read: read another.)
+    assert_eq!(piece(&h, 3 * BIG, 4096).unwrap(), a[3 * BIG as usize..][..4096]);
+    let loc = loc_of(&s, "a", 1);
+    flip_byte(&pack_path(d.path(), loc.pack), loc.offset + 52 + 2 * 4096 + 10);
+    for round in 0..2 {
+        let e = piece(&h, BIG + 2 * 4096 + 7, 100).unwrap_err();
+        assert!(matches!(e, Error::Integrity { .. }), "round {round}: {e}");
+        assert!(e.to_string().contains("image \"a\" block 1"), "{e}");
+        assert_eq!(e.errno(), libc::EIO);
+        for (at, len) in [(BIG + 4096, 4096), (BIG + 3 * 4096 + 5, 4091), (BIG + 100, 3000)] {
+            assert_eq!(
+                piece(&h, at, len).unwrap(),
+                a[at as usize..][..len],
+                "round {round}: {len} bytes at {at}"
+            );
+        }
+        // A read spanning the damaged piece fails.
+        assert!(piece(&h, BIG + 4096, 2 * 4096).is_err());
+        assert!(piece(&h, BIG, BIG as usize).is_err());
+    }
+    // Not read whole before the damage: reading any of it fails.
+    let loc = loc_of(&s, "a", 2);
+    flip_byte(&pack_path(d.path(), loc.pack), loc.offset + 52 + 10);
+    assert!(piece(&h, 2 * BIG + 3 * 4096, 4096).is_err());
+    assert_eq!(s.scrub(&|_| {}).unwrap().damaged.len(), 2);
+}

@@ -179,6 +179,81 @@ fn gc_frees_removed_images_and_compacts() {
     assert_eq!(s.stats().unwrap().pack_bytes, 0);
 }
 
+/// Small reads of raw blocks read only their 4 KiB pieces once the block
+/// was read whole (a piece proof is kept, with where the block lies). A GC
+/// that compacts the pack moves the blocks and deletes the old file: small
+/// reads still return the right bytes (they find the old place gone and
+/// read the block whole from its new one), before and after a reopen.
+#[test]
+fn small_reads_follow_blocks_a_compaction_moved() {
+    const BIG: u64 = 16 * 1024;
+    let (_d, s) = geosync_suite::kit::disk_store(BIG as u32);
+    s.create_image("keep", 16 * BIG).unwrap();
+    s.create_image("drop", 16 * BIG).unwrap();
+    for i in 0..8 {
+        write_commit(&s, "keep", i * BIG, &noise(300 + i, BIG as usize));
+        write_commit(&s, "drop", i * BIG, &noise(400 + i, 3 * BIG as usize));
+    }
+    let keep = read_all(&s, "keep");
+    s.set_read_cache(0); // every read goes to the pack
+    let h = s.open_image("keep").unwrap();
+    let small_reads = |h: &geosync_fs::ImageHandle| {
+        for at in (0..8 * BIG).step_by(3000) {
+            let mut buf = vec![0u8; 1000];
+            h.read(at, &mut buf).unwrap();
+            assert_eq!(buf, keep[at as usize..][..1000], "1000 bytes at {at}");
+        }
+    };
+    small_reads(&h);
+    s.remove_image("drop").unwrap();
+    let plan = s.gc(false).unwrap();
+    assert_eq!(plan.compact_packs.len(), 1, "{plan:?}");
+    small_reads(&h);
+    small_reads(&h);
+    assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+    /// Reads of any place and length return the image's bytes, whichever
+    /// way each block is served: from the read cache, piece by piece
+    /// (raw blocks read whole before), or whole (compressed ones, holes,
+    /// a short last block, blocks not read yet).
+    #[test]
+    fn reads_anywhere_return_the_bytes_however_blocks_are_served(
+        shift in 13u32..17,
+        reads in proptest::collection::vec((0u64..1 << 20, 1usize..70_000), 1..80),
+    ) {
+        let bs = 1u64 << shift;
+        let (_d, s) = geosync_suite::kit::disk_store(bs as u32);
+        let size = 8 * bs + bs / 2 + 100;
+        let mut image = vec![0u8; size as usize];
+        for (i, b) in image.chunks_mut(bs as usize).enumerate() {
+            match i % 3 {
+                0 => b.copy_from_slice(&noise(500 + i as u64, b.len())), // raw
+                1 => b.iter_mut().enumerate().for_each(|(j, x)| *x = (j / 512) as u8), // compressed
+                _ => {} // a hole
+            }
+        }
+        s.create_image("r", size).unwrap();
+        write_commit(&s, "r", 0, &image);
+        s.set_read_cache(0);
+        let h = s.open_image("r").unwrap();
+        for (at, len) in reads {
+            let at = at % (size + bs);
+            let mut buf = vec![0xEEu8; len];
+            let n = h.read(at, &mut buf).unwrap();
+            let want = &image[(at.min(size)) as usize..(at as usize + len).min(size as usize)];
+            proptest::prop_assert_eq!(n, want.len());
+            proptest::prop_assert!(&buf[..n] == want, "{} bytes at {}", len, at);
+        }
+    }
+}
+
 /// A commit that deduplicates against a block no image references any more
 /// races a GC: the GC must wait for the commit, and the block must survive.
 #[test]

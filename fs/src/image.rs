@@ -1039,6 +1039,21 @@ impl ImageHandle {
         )
     }
 
+    /// Bytes `within..within + out.len()` of the stored block `hash` into
+    /// `out` (zeros past its end): only the pieces holding them when the
+    /// store can ([`Store::read_part`]), else the whole block.
+    fn read_stored_part(&self, hash: &BlockHash, block: u64, within: usize, out: &mut [u8]) -> Result<()> {
+        // Blocks this handle sealed are not indexed yet: read from where it put them.
+        if !self.new_blocks.lock().unwrap().contains_key(hash) && self.store.read_part(hash, within, out) {
+            return Ok(());
+        }
+        let data = self.read_shared(hash, block)?;
+        let avail = data.len().saturating_sub(within).min(out.len());
+        out[..avail].copy_from_slice(&data[within..within + avail]);
+        out[avail..].fill(0);
+        Ok(())
+    }
+
     /// Start reading a stored block's old contents into the read cache in
     /// the background, so merging a partial write later finds it there.
     fn prefetch(&self, block: u64) -> Result<()> {
@@ -1145,20 +1160,10 @@ impl ImageHandle {
                 }
                 Some(Dirty::Data(d)) => out.copy_from_slice(&d[within..within + n]),
                 Some(Dirty::Zero) => out.fill(0),
-                Some(Dirty::Ref(h)) => {
-                    let data = self.read_shared(h, block)?;
-                    let avail = data.len().saturating_sub(within).min(n);
-                    out[..avail].copy_from_slice(&data[within..within + avail]);
-                    out[avail..].fill(0);
-                }
+                Some(Dirty::Ref(h)) => self.read_stored_part(h, block, within, out)?,
                 None => match self.base_state(block)? {
                     None => out.fill(0),
-                    Some(h) => {
-                        let data = self.read_shared(&h, block)?;
-                        let avail = data.len().saturating_sub(within).min(n);
-                        out[..avail].copy_from_slice(&data[within..within + avail]);
-                        out[avail..].fill(0);
-                    }
+                    Some(h) => self.read_stored_part(&h, block, within, out)?,
                 },
             }
             done += n;
@@ -2196,6 +2201,30 @@ mod tests {
         Store::init_with(&db, Box::new(packs.clone()), &opts).unwrap();
         let s = Store::open_with(&db, Box::new(packs), OpenMode::ReadWrite).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn only_raw_blocks_read_whole_keep_a_piece_proof() {
+        let (_d, s) = disk_store(16384);
+        let raw = noise(1, 16384);
+        let packed: Vec<u8> = (0..16384).map(|i| (i / 1000) as u8).collect();
+        s.create_image("p", 3 * 16384).unwrap();
+        let mut h = s.open_image("p").unwrap();
+        h.write(0, &raw).unwrap();
+        h.write(16384, &packed).unwrap();
+        h.commit().unwrap();
+        s.set_read_cache(0);
+        let (raw_hash, packed_hash) = (pack::hash_block(&raw), pack::hash_block(&packed));
+        assert!(!s.has_proof(&raw_hash), "written, not read");
+        let mut buf = [0u8; 100];
+        for at in [16384 + 50, 50, 2 * 16384 + 50] {
+            h.read(at, &mut buf).unwrap();
+        }
+        assert_eq!(buf, [0u8; 100], "a hole");
+        assert!(s.has_proof(&raw_hash));
+        assert!(!s.has_proof(&packed_hash), "compressed: read whole anyway");
+        h.read(50, &mut buf).unwrap();
+        assert_eq!(buf[..], raw[50..150]);
     }
 
     #[test]

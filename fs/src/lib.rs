@@ -40,6 +40,7 @@ pub mod image;
 pub mod io;
 mod meta;
 pub mod pack;
+pub mod proof;
 pub mod store;
 pub mod vfs;
 

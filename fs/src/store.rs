@@ -30,6 +30,7 @@ use crate::meta::{self, FORMAT_VERSION};
 use crate::pack::{
     self, align_up, Codec, Compression, RecordHeader, Sealed, PACK_DATA_START, RECORD_HEADER_LEN,
 };
+use crate::proof::Proof;
 use crate::{validate_name, BlockHash, Error, ImageHandle, NodeId, Result, Stamp};
 
 /// Default bytes of decompressed blocks kept for re-reading.
@@ -37,6 +38,23 @@ pub const DEFAULT_READ_CACHE: usize = 128 << 20;
 
 fn cache_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::new((bytes / block_size.max(1) as usize).max(1)).unwrap()
+}
+
+/// Bytes of piece proofs kept (with 64 KiB blocks ~600 bytes each, so the
+/// raw blocks of ~1.6 GiB of image are read piece by piece once read whole).
+pub const PROOF_CACHE: usize = 16 << 20;
+
+/// A raw block's place and piece proof.
+#[derive(Debug)]
+struct Proven {
+    loc: BlockLoc,
+    proof: Proof,
+}
+
+fn proof_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
+    // The proof's chaining values, plus its key, place and the cache's node.
+    let each = block_size as usize / crate::proof::PIECE * 32 + 160;
+    std::num::NonZeroUsize::new((bytes / each).max(1)).unwrap()
 }
 
 /// The read cache's bound: its own bytes, plus the part of `lent` (at most
@@ -347,6 +365,10 @@ pub(crate) struct Inner {
     cache: Mutex<lru::LruCache<BlockHash, Arc<[u8]>>>,
     /// What bounds `cache` (lock order: this, then `cache`).
     cache_budget: Mutex<CacheBudget>,
+    /// Where raw blocks read whole lately lie, with their piece proofs: a
+    /// small read of one of them reads and verifies only its pieces
+    /// ([`Store::read_part`]). Bounded by [`PROOF_CACHE`] bytes.
+    proofs: Mutex<lru::LruCache<BlockHash, Arc<Proven>>>,
     gate: Mutex<GateState>,
     gate_cv: Condvar,
 }
@@ -633,6 +655,7 @@ impl Store {
                     lent: 0,
                     held: 0,
                 }),
+                proofs: Mutex::new(lru::LruCache::new(proof_entries(PROOF_CACHE, block_size))),
                 gate: Mutex::new(GateState::default()),
                 gate_cv: Condvar::new(),
             }),
@@ -1158,6 +1181,17 @@ impl Store {
                     loc.raw_len as usize,
                 )
                 .map_err(read_err)?;
+            // Verified through its piece proof, kept: later small reads of
+            // the block read and hash only their pieces.
+            if Proof::applies(data.len()) {
+                let Some(proof) = Proof::build(&data, hash) else {
+                    let actual = pack::hash_block(&data);
+                    return Err(record_integrity(hash, loc, format!("content hashes to {actual}")));
+                };
+                let proven = Arc::new(Proven { loc: *loc, proof });
+                self.inner.proofs.lock().unwrap().put(*hash, proven);
+                return Ok(data);
+            }
             let actual = pack::hash_block(&data);
             if actual != *hash {
                 return Err(record_integrity(hash, loc, format!("content hashes to {actual}")));
@@ -1447,6 +1481,70 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn is_cached(&self, hash: &BlockHash) -> bool {
         self.inner.cache.lock().unwrap().contains(hash)
+    }
+
+    /// Bytes `within..within + out.len()` of the stored block `hash` into
+    /// `out` (zeros past its end), if that needs no index lookup: from the
+    /// read cache, else, when a whole read left its piece proof, by reading
+    /// only the pieces holding them, verified against the proof. `false`
+    /// (`out` holds anything) when neither is at hand, or the pieces are not
+    /// where and what the proof says (the block moved, or is damaged): the
+    /// caller then reads the whole block, which finds it, or reports the damage.
+    pub(crate) fn read_part(&self, hash: &BlockHash, within: usize, out: &mut [u8]) -> bool {
+        if let Some(b) = self.inner.cache.lock().unwrap().get(hash).cloned() {
+            let avail = b.len().saturating_sub(within).min(out.len());
+            out[..avail].copy_from_slice(&b[within..within + avail]);
+            out[avail..].fill(0);
+            return true;
+        }
+        let Some(p) = self.inner.proofs.lock().unwrap().get(hash).cloned() else {
+            return false;
+        };
+        let end = (within + out.len()).min(p.proof.len());
+        if within >= end {
+            out.fill(0);
+            return true;
+        }
+        let span = p.proof.span(within, end);
+        let at = p.loc.offset + RECORD_HEADER_LEN as u64 + span.start as u64;
+        let read = if span.start == within && span.end == end && end - within == out.len() {
+            // Whole pieces (a page-aligned read): straight into `out`.
+            let r = self.inner.packs.read_at(p.loc.pack, at, out);
+            r.map(|()| p.proof.verify(span.start, out))
+        } else {
+            let mut buf = vec![0u8; span.len()];
+            let r = self.inner.packs.read_at(p.loc.pack, at, &mut buf);
+            r.map(|()| {
+                let ok = p.proof.verify(span.start, &buf);
+                if ok {
+                    out[..end - within].copy_from_slice(&buf[within - span.start..end - span.start]);
+                    out[end - within..].fill(0);
+                }
+                ok
+            })
+        };
+        match read {
+            Ok(true) => true,
+            Ok(false) if self.lookup(hash).ok().flatten() == Some(p.loc) => {
+                // Damaged where the index still puts it: the whole read
+                // reports it. The proof stays: the block's other pieces
+                // are still proven by it.
+                false
+            }
+            _ => {
+                // Moved (a GC compacted its pack) or gone: the whole read
+                // finds it, and keeps a proof with its new place.
+                debug!(block = %hash, pack = p.loc.pack, offset = p.loc.offset, "block not where its proof says");
+                self.inner.proofs.lock().unwrap().pop(hash);
+                false
+            }
+        }
+    }
+
+    /// Whether a piece proof of the block is kept (tests).
+    #[cfg(test)]
+    pub(crate) fn has_proof(&self, hash: &BlockHash) -> bool {
+        self.inner.proofs.lock().unwrap().contains(hash)
     }
 
     /// Put a block's verified contents in the read cache (write-through).
