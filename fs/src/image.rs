@@ -1035,7 +1035,7 @@ impl ImageHandle {
             hash,
             &self.row.name,
             block,
-            Via::PageCache,
+            Via::Proven,
         )
     }
 
@@ -1048,8 +1048,9 @@ impl ImageHandle {
             return Ok(());
         }
         let data = self.read_shared(hash, block)?;
-        let avail = data.len().saturating_sub(within).min(out.len());
-        out[..avail].copy_from_slice(&data[within..within + avail]);
+        let from = data.get(within..).unwrap_or_default();
+        let avail = from.len().min(out.len());
+        out[..avail].copy_from_slice(&from[..avail]);
         out[avail..].fill(0);
         Ok(())
     }
@@ -2207,15 +2208,20 @@ mod tests {
     fn only_raw_blocks_read_whole_keep_a_piece_proof() {
         let (_d, s) = disk_store(16384);
         let raw = noise(1, 16384);
+        let raw2 = noise(2, 16384);
         let packed: Vec<u8> = (0..16384).map(|i| (i / 1000) as u8).collect();
-        s.create_image("p", 3 * 16384).unwrap();
+        s.create_image("p", 4 * 16384).unwrap();
         let mut h = s.open_image("p").unwrap();
         h.write(0, &raw).unwrap();
         h.write(16384, &packed).unwrap();
+        h.write(3 * 16384, &raw2).unwrap();
         h.commit().unwrap();
-        s.set_read_cache(0);
+        s.set_read_cache(0); // (it still keeps the last block read)
         let (raw_hash, packed_hash) = (pack::hash_block(&raw), pack::hash_block(&packed));
         assert!(!s.has_proof(&raw_hash), "written, not read");
+        // Whole reads by scrub (and compaction, exports) leave no proof.
+        assert!(s.scrub(&|_| {}).unwrap().damaged.is_empty());
+        assert!(!s.has_proof(&raw_hash), "scrubbed, not read by an image");
         let mut buf = [0u8; 100];
         for at in [16384 + 50, 50, 2 * 16384 + 50] {
             h.read(at, &mut buf).unwrap();
@@ -2223,8 +2229,15 @@ mod tests {
         assert_eq!(buf, [0u8; 100], "a hole");
         assert!(s.has_proof(&raw_hash));
         assert!(!s.has_proof(&packed_hash), "compressed: read whole anyway");
+        assert_eq!(s.piece_reads(), 0);
+        h.read(3 * 16384 + 50, &mut buf).unwrap(); // the cache now holds this one
+        assert_eq!(buf[..], raw2[50..150]);
         h.read(50, &mut buf).unwrap();
         assert_eq!(buf[..], raw[50..150]);
+        let mut page = [0u8; 4096];
+        h.read(2 * 4096, &mut page).unwrap();
+        assert_eq!(page[..], raw[2 * 4096..3 * 4096]);
+        assert_eq!(s.piece_reads(), 2, "both read by pieces");
     }
 
     #[test]

@@ -40,8 +40,8 @@ fn cache_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::new((bytes / block_size.max(1) as usize).max(1)).unwrap()
 }
 
-/// Bytes of piece proofs kept (with 64 KiB blocks ~600 bytes each, so the
-/// raw blocks of ~1.6 GiB of image are read piece by piece once read whole).
+/// Bytes of piece proofs kept (with 64 KiB blocks ~700 bytes each, so the
+/// raw blocks of ~1.5 GiB of image are read piece by piece once read whole).
 pub const PROOF_CACHE: usize = 16 << 20;
 
 /// A raw block's place and piece proof.
@@ -52,8 +52,12 @@ struct Proven {
 }
 
 fn proof_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
-    // The proof's chaining values, plus its key, place and the cache's node.
-    let each = block_size as usize / crate::proof::PIECE * 32 + 160;
+    if !Proof::applies(block_size as usize) {
+        return std::num::NonZeroUsize::MIN; // blocks of one piece have none
+    }
+    // The proof's chaining values, plus its key, place, the `Arc` and the
+    // cache's node and table slot.
+    let each = block_size as usize / crate::proof::PIECE * 32 + 192;
     std::num::NonZeroUsize::new((bytes / each).max(1)).unwrap()
 }
 
@@ -369,6 +373,9 @@ pub(crate) struct Inner {
     /// small read of one of them reads and verifies only its pieces
     /// ([`Store::read_part`]). Bounded by [`PROOF_CACHE`] bytes.
     proofs: Mutex<lru::LruCache<BlockHash, Arc<Proven>>>,
+    /// Reads [`Store::read_part`] served piece by piece (tests).
+    #[cfg(test)]
+    piece_reads: std::sync::atomic::AtomicUsize,
     gate: Mutex<GateState>,
     gate_cv: Condvar,
 }
@@ -385,6 +392,12 @@ pub(crate) enum Via {
     /// Buffered: the page cache is a second-level cache for what the read
     /// cache drops (random reads of a working set larger than it).
     PageCache,
+    /// [`Via::PageCache`], for an image's reads: a raw block read whole
+    /// leaves its piece proof, so later small reads of it read only their
+    /// pieces ([`Store::read_part`]). (Scrub, compaction and exports read
+    /// each block once: a proof would cost them the hashing twice over
+    /// and push the image reads' proofs out.)
+    Proven,
     /// One `O_DIRECT` read of the pages the record lies in (where the pack
     /// file system takes it), copied out of a buffer kept per thread. For
     /// the old contents of a block a partial write is merged with: they die
@@ -656,6 +669,8 @@ impl Store {
                     held: 0,
                 }),
                 proofs: Mutex::new(lru::LruCache::new(proof_entries(PROOF_CACHE, block_size))),
+                #[cfg(test)]
+                piece_reads: Default::default(),
                 gate: Mutex::new(GateState::default()),
                 gate_cv: Condvar::new(),
             }),
@@ -1183,7 +1198,7 @@ impl Store {
                 .map_err(read_err)?;
             // Verified through its piece proof, kept: later small reads of
             // the block read and hash only their pieces.
-            if Proof::applies(data.len()) {
+            if via == Via::Proven && Proof::applies(data.len()) {
                 let Some(proof) = Proof::build(&data, hash) else {
                     let actual = pack::hash_block(&data);
                     return Err(record_integrity(hash, loc, format!("content hashes to {actual}")));
@@ -1492,8 +1507,9 @@ impl Store {
     /// caller then reads the whole block, which finds it, or reports the damage.
     pub(crate) fn read_part(&self, hash: &BlockHash, within: usize, out: &mut [u8]) -> bool {
         if let Some(b) = self.inner.cache.lock().unwrap().get(hash).cloned() {
-            let avail = b.len().saturating_sub(within).min(out.len());
-            out[..avail].copy_from_slice(&b[within..within + avail]);
+            let from = b.get(within..).unwrap_or_default();
+            let avail = from.len().min(out.len());
+            out[..avail].copy_from_slice(&from[..avail]);
             out[avail..].fill(0);
             return true;
         }
@@ -1524,7 +1540,13 @@ impl Store {
             })
         };
         match read {
-            Ok(true) => true,
+            Ok(true) => {
+                #[cfg(test)]
+                self.inner
+                    .piece_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
             Ok(false) if self.lookup(hash).ok().flatten() == Some(p.loc) => {
                 // Damaged where the index still puts it: the whole read
                 // reports it. The proof stays: the block's other pieces
@@ -1535,7 +1557,11 @@ impl Store {
                 // Moved (a GC compacted its pack) or gone: the whole read
                 // finds it, and keeps a proof with its new place.
                 debug!(block = %hash, pack = p.loc.pack, offset = p.loc.offset, "block not where its proof says");
-                self.inner.proofs.lock().unwrap().pop(hash);
+                let mut proofs = self.inner.proofs.lock().unwrap();
+                // (Unless another reader put a newer one meanwhile.)
+                if proofs.peek(hash).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                    proofs.pop(hash);
+                }
                 false
             }
         }
@@ -1545,6 +1571,12 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn has_proof(&self, hash: &BlockHash) -> bool {
         self.inner.proofs.lock().unwrap().contains(hash)
+    }
+
+    /// Reads served piece by piece so far (tests).
+    #[cfg(test)]
+    pub(crate) fn piece_reads(&self) -> usize {
+        self.inner.piece_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Put a block's verified contents in the read cache (write-through).
