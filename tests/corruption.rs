@@ -351,7 +351,7 @@ fn once_a_block_was_read_whole_damage_fails_only_the_reads_of_its_damaged_piece(
     };
     // Read whole once (its first piece asked for): the proof is kept.
     assert_eq!(piece(&h, BIG, 4096).unwrap(), a[BIG as usize..][..4096]);
-    // (A disabled cache still keeps the last block read: read another.)
+    // (Another block read between: the damage is not served from a cache.)
     assert_eq!(piece(&h, 3 * BIG, 4096).unwrap(), a[3 * BIG as usize..][..4096]);
     let loc = loc_of(&s, "a", 1);
     flip_byte(&pack_path(d.path(), loc.pack), loc.offset + 52 + 2 * 4096 + 10);

@@ -2216,7 +2216,7 @@ mod tests {
         h.write(16384, &packed).unwrap();
         h.write(3 * 16384, &raw2).unwrap();
         h.commit().unwrap();
-        s.set_read_cache(0); // (it still keeps the last block read)
+        s.set_read_cache(0);
         let (raw_hash, packed_hash) = (pack::hash_block(&raw), pack::hash_block(&packed));
         assert!(!s.has_proof(&raw_hash), "written, not read");
         // Whole reads by scrub (and compaction, exports) leave no proof.
@@ -2230,8 +2230,12 @@ mod tests {
         assert!(s.has_proof(&raw_hash));
         assert!(!s.has_proof(&packed_hash), "compressed: read whole anyway");
         assert_eq!(s.piece_reads(), 0);
-        h.read(3 * 16384 + 50, &mut buf).unwrap(); // the cache now holds this one
+        h.read(3 * 16384 + 50, &mut buf).unwrap();
         assert_eq!(buf[..], raw2[50..150]);
+        assert!(
+            !s.is_cached(&raw_hash) && !s.is_cached(&pack::hash_block(&raw2)),
+            "cache off"
+        );
         h.read(50, &mut buf).unwrap();
         assert_eq!(buf[..], raw[50..150]);
         let mut page = [0u8; 4096];

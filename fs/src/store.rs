@@ -369,6 +369,9 @@ pub(crate) struct Inner {
     cache: Mutex<lru::LruCache<BlockHash, Arc<[u8]>>>,
     /// What bounds `cache` (lock order: this, then `cache`).
     cache_budget: Mutex<CacheBudget>,
+    /// The read cache is disabled (bound 0): nothing goes in (an LRU holds
+    /// at least one entry).
+    cache_off: std::sync::atomic::AtomicBool,
     /// Where raw blocks read whole lately lie, with their piece proofs: a
     /// small read of one of them reads and verifies only its pieces
     /// ([`Store::read_part`]). Bounded by [`PROOF_CACHE`] bytes.
@@ -663,6 +666,7 @@ impl Store {
                 poisoned: Mutex::new(HashSet::new()),
                 unsynced: Mutex::new(HashSet::new()),
                 cache: Mutex::new(lru::LruCache::new(cache_entries(DEFAULT_READ_CACHE, block_size))),
+                cache_off: Default::default(),
                 cache_budget: Mutex::new(CacheBudget {
                     own: DEFAULT_READ_CACHE,
                     lent: 0,
@@ -1481,6 +1485,9 @@ impl Store {
         if c.cap() != entries {
             c.resize(entries); // evicts the least recently used past it
         }
+        self.inner
+            .cache_off
+            .store(bytes == 0, std::sync::atomic::Ordering::Relaxed);
         if bytes == 0 {
             c.clear();
         }
@@ -1579,9 +1586,16 @@ impl Store {
         self.inner.piece_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn put_cached(&self, hash: BlockHash, data: Arc<[u8]>) {
+        let mut c = self.inner.cache.lock().unwrap();
+        if !self.inner.cache_off.load(std::sync::atomic::Ordering::Relaxed) {
+            c.put(hash, data);
+        }
+    }
+
     /// Put a block's verified contents in the read cache (write-through).
     pub(crate) fn cache_block(&self, hash: BlockHash, data: Arc<[u8]>) {
-        self.inner.cache.lock().unwrap().put(hash, data);
+        self.put_cached(hash, data);
     }
 
     /// Read and verify a block by name (through the read cache).
@@ -1600,7 +1614,7 @@ impl Store {
             return Ok(b.clone());
         }
         let data = self.read_block_uncached(hash, via)?;
-        self.inner.cache.lock().unwrap().put(*hash, data.clone());
+        self.put_cached(*hash, data.clone());
         Ok(data)
     }
 
