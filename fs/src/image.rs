@@ -1047,11 +1047,7 @@ impl ImageHandle {
         if !self.new_blocks.lock().unwrap().contains_key(hash) && self.store.read_part(hash, within, out) {
             return Ok(());
         }
-        let data = self.read_shared(hash, block)?;
-        let from = data.get(within..).unwrap_or_default();
-        let avail = from.len().min(out.len());
-        out[..avail].copy_from_slice(&from[..avail]);
-        out[avail..].fill(0);
+        crate::store::copy_from(&self.read_shared(hash, block)?, within, out);
         Ok(())
     }
 

@@ -61,6 +61,14 @@ fn proof_entries(bytes: usize, block_size: u32) -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::new((bytes / each).max(1)).unwrap()
 }
 
+/// Bytes of `block` from `within` on into `out`, zeros past its end.
+pub(crate) fn copy_from(block: &[u8], within: usize, out: &mut [u8]) {
+    let from = block.get(within..).unwrap_or_default();
+    let n = from.len().min(out.len());
+    out[..n].copy_from_slice(&from[..n]);
+    out[n..].fill(0);
+}
+
 /// The read cache's bound: its own bytes, plus the part of `lent` (at most
 /// the mount's dirty limit) that open images' dirty blocks do not hold
 /// (`held`). The cache and the dirty blocks together stay within `own`
@@ -1514,10 +1522,7 @@ impl Store {
     /// caller then reads the whole block, which finds it, or reports the damage.
     pub(crate) fn read_part(&self, hash: &BlockHash, within: usize, out: &mut [u8]) -> bool {
         if let Some(b) = self.inner.cache.lock().unwrap().get(hash).cloned() {
-            let from = b.get(within..).unwrap_or_default();
-            let avail = from.len().min(out.len());
-            out[..avail].copy_from_slice(&from[..avail]);
-            out[avail..].fill(0);
+            copy_from(&b, within, out);
             return true;
         }
         let Some(p) = self.inner.proofs.lock().unwrap().get(hash).cloned() else {
@@ -1540,8 +1545,7 @@ impl Store {
             r.map(|()| {
                 let ok = p.proof.verify(span.start, &buf);
                 if ok {
-                    out[..end - within].copy_from_slice(&buf[within - span.start..end - span.start]);
-                    out[end - within..].fill(0);
+                    copy_from(&buf, within - span.start, out);
                 }
                 ok
             })
