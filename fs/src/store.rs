@@ -1809,7 +1809,8 @@ impl Store {
 
     /// Make the image's head equal to a snapshot, as a new version (the
     /// versions after the snapshot stay reachable through other snapshots).
-    /// Costs O(blocks changed since the snapshot).
+    /// Reads the image's rows once (live rows born after the snapshot are
+    /// killed), and re-inserts those that died since it, found by `map_died`.
     pub fn rollback(&self, image: &str, snap: &str) -> Result<u64> {
         self.check_writable()?;
         let mut db = self.db();
@@ -1977,7 +1978,9 @@ impl Store {
     }
 
     /// Blocks that differ between two retained versions (`head`, `@N`, or a
-    /// snapshot name), from the index: O(rows changed), no scan of the map.
+    /// snapshot name): rows born in (a, b] by one pass over the image's rows
+    /// (the primary key's `image` prefix; no index on `born`, which every
+    /// overwrite would pay for), rows that died in (a, b] by `map_died`.
     pub fn diff(&self, image: &str, from: &str, to: &str) -> Result<Diff> {
         let row = self.image_row(image)?;
         let (mut a, mut a_size) = self.resolve_version(image, from)?;
