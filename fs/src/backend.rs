@@ -16,8 +16,10 @@
 //!   successful `sync` of each pack.
 //!
 //! Contract: bytes passed to `append` — and a new pack's name — are durable
-//! only after `sync` on that pack returned `Ok`. After a failed `append` or `sync` the caller must not
-//! assume anything about the pack's tail (it abandons the pack).
+//! only after `sync` on that pack returned `Ok`. A failed `append` may leave part of its
+//! bytes at the pack's end: the caller appends no more to it, but what was appended before
+//! stands and a `sync` makes it durable. After a failed `sync` nothing appended since the
+//! last good one can be relied on (the caller abandons the pack).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -532,6 +534,8 @@ struct FaultState {
     hold: bool,
     /// Syncs waiting now.
     held: usize,
+    /// Packs `try_claim` was asked for, in order.
+    claims: Vec<PackId>,
 }
 
 /// Wraps a [`PackStorage`] and injects the failures of a [`FaultPlan`].
@@ -572,6 +576,11 @@ impl<S: PackStorage> FaultPacks<S> {
     /// Syncs waiting under [`FaultPacks::hold_syncs`] now.
     pub fn syncs_held(&self) -> usize {
         self.state.lock().unwrap().held
+    }
+
+    /// Packs `try_claim` was asked for so far, in order.
+    pub fn claims_tried(&self) -> Vec<PackId> {
+        self.state.lock().unwrap().claims.clone()
     }
 
     /// Replace the plan and reset its counters.
@@ -685,6 +694,7 @@ impl<S: PackStorage> PackStorage for FaultPacks<S> {
         Ok(())
     }
     fn try_claim(&self, id: PackId) -> io::Result<bool> {
+        self.state.lock().unwrap().claims.push(id);
         self.inner.try_claim(id)
     }
     fn release(&self, id: PackId) {

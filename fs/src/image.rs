@@ -2755,6 +2755,38 @@ mod tests {
     }
 
     #[test]
+    fn opening_read_write_leaves_a_pack_being_created_to_its_creator() {
+        // Another process made a pack's row, then its empty file, and is
+        // about to claim it: a recovery that claimed it first (it is shorter
+        // than its row's length) made that claim, and the write, fail.
+        // Only a pack longer than its committed length is claimed (to cut).
+        use crate::backend::PackStorage as _;
+        let faults = FaultPacks::new(MemPacks::new());
+        let (d, s) = store_on(faults.clone());
+        let (_, torn) = append_one(&s, &noise(1, 4096)).unwrap(); // never committed
+        drop(s);
+        let db = d.path().join("meta.db");
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute(
+            "INSERT INTO packs(id, committed_len) VALUES (90, ?1)",
+            [pack::PACK_DATA_START as i64],
+        )
+        .unwrap();
+        drop(c);
+        faults.create(90).unwrap();
+        let before = faults.claims_tried().len();
+        let s = Store::open_with(&db, Box::new(faults.clone()), OpenMode::ReadWrite).unwrap();
+        assert_eq!(
+            faults.claims_tried()[before..],
+            [torn.pack],
+            "recovery claimed a pack with nothing committed past its length"
+        );
+        assert_eq!(faults.len(torn.pack).unwrap(), pack::PACK_DATA_START);
+        assert_eq!(faults.len(90).unwrap(), 0, "the new pack was changed");
+        drop(s);
+    }
+
+    #[test]
     fn a_pack_whose_sync_failed_is_not_appended_to_again() {
         let faults = FaultPacks::new(MemPacks::new());
         let (_d, s) = store_on(faults.clone());
@@ -2773,6 +2805,47 @@ mod tests {
             s.sync_packs([first.pack]).is_err(),
             "a failed pack was trusted again"
         );
+    }
+
+    #[test]
+    fn a_failed_append_fails_only_its_writer_not_the_records_before_it() {
+        // Two images seal into the same pack; the second's append is torn.
+        // The first's records, appended before it, still commit and survive
+        // a crash: the pack only takes no more records.
+        let faults = FaultPacks::new(MemPacks::new());
+        let (d, s) = store_on(faults.clone());
+        for name in ["a", "b"] {
+            s.create_image(name, 4 * 4096).unwrap();
+        }
+        let mut a = s.open_image("a").unwrap();
+        let mut b = s.open_image("b").unwrap();
+        a.write(0, &noise(1, 2 * 4096)).unwrap();
+        a.seal_job(0).unwrap().expect("a's blocks").run();
+        b.write(0, &noise(2, 2 * 4096)).unwrap();
+        faults.set_plan(FaultPlan {
+            short_write_at: Some(0),
+            ..Default::default()
+        });
+        assert!(b.commit().is_err(), "the torn append was not reported");
+        faults.set_plan(FaultPlan::default());
+        a.commit().expect("a's records were appended before the failure");
+        // b writes again: to another pack, and commits.
+        b.write(0, &noise(3, 2 * 4096)).unwrap();
+        b.commit().unwrap();
+        drop((a, b));
+        drop(s);
+        faults.crash();
+        let s = Store::open_with(
+            &d.path().join("meta.db"),
+            Box::new(faults.clone()),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        let mut got = vec![0; 2 * 4096];
+        s.open_image("a").unwrap().read(0, &mut got).unwrap();
+        assert!(got == noise(1, 2 * 4096), "a's committed data was lost");
+        s.open_image("b").unwrap().read(0, &mut got).unwrap();
+        assert!(got == noise(3, 2 * 4096), "b's committed data was lost");
     }
 
     #[test]

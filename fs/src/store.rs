@@ -362,7 +362,8 @@ pub(crate) struct Inner {
     uses: Mutex<PackUse>,
     /// Serializes pack syncs (see `sync_packs`).
     sync_lock: Mutex<()>,
-    /// Packs whose append or sync failed: their unsynced tail may be lost.
+    /// Packs whose sync failed: their unsynced tail may be lost. (A pack
+    /// whose append failed only takes no more records: see `append`.)
     /// Its own lock, taken last and held briefly, so `sync_packs` never
     /// waits for a lane (a lane may be held through a long write).
     poisoned: Mutex<HashSet<PackId>>,
@@ -731,6 +732,21 @@ impl Store {
             if len == committed {
                 continue;
             }
+            if len < committed {
+                // Appends only grow a pack and recovery cuts none below its
+                // committed length: shorter is damage. Unless nothing is
+                // committed in it: a pack another process is creating (its
+                // row comes first, then its file, which it claims at once)
+                // or one a crash left before its header. Not claimed: that
+                // raced with its creator's claim and failed its write.
+                if committed > PACK_DATA_START {
+                    warn!(
+                        pack = id,
+                        len, committed, "pack is shorter than its committed length: run `geosync scrub`"
+                    );
+                }
+                continue;
+            }
             match self.inner.packs.try_claim(id) {
                 Ok(true) => {}
                 Ok(false) => continue, // another live process is appending to it
@@ -758,11 +774,8 @@ impl Store {
                 self.inner.packs.release(id);
                 r.map_err(|e| Error::io(format!("truncating pack {id}"), e))?;
             } else {
+                // Its owner committed all of it meanwhile.
                 self.inner.packs.release(id);
-                warn!(
-                    pack = id,
-                    len, committed, "pack is shorter than its committed length: run `geosync scrub`"
-                );
             }
         }
         Ok(())
@@ -986,8 +999,10 @@ impl Store {
                 w.buf = Some(buf);
             }
             if let Err(e) = r {
+                // Its end may hold part of this write: it takes no more
+                // records. Those before stand (a sync makes them durable),
+                // so other writers' commits that rely on them go on.
                 w.active = None;
-                self.inner.poisoned.lock().unwrap().insert(id);
                 self.retire(id);
                 return Err(Error::io(format!("appending to pack {id}"), e));
             }
