@@ -17,9 +17,10 @@
 //!
 //! Contract: bytes passed to `append` — and a new pack's name — are durable
 //! only after `sync` on that pack returned `Ok`. A failed `append` may leave part of its
-//! bytes at the pack's end: the caller appends no more to it, but what was appended before
-//! stands and a `sync` makes it durable. After a failed `sync` nothing appended since the
-//! last good one can be relied on (the caller abandons the pack).
+//! bytes at the pack's end: the caller appends no more to it. If it failed for lack of
+//! space, what was appended before stands and a `sync` makes it durable; after any other
+//! failed `append`, or a failed `sync`, nothing appended since the last good `sync` can be
+//! relied on (the caller abandons the pack).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};

@@ -2808,44 +2808,65 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_append_fails_only_its_writer_not_the_records_before_it() {
-        // Two images seal into the same pack; the second's append is torn.
-        // The first's records, appended before it, still commit and survive
-        // a crash: the pack only takes no more records.
-        let faults = FaultPacks::new(MemPacks::new());
-        let (d, s) = store_on(faults.clone());
-        for name in ["a", "b"] {
-            s.create_image(name, 4 * 4096).unwrap();
+    fn a_full_disk_fails_only_the_writer_that_met_it_not_the_records_before() {
+        // Two images seal into the same pack; the second's append finds the
+        // disk full. The first's records, appended before, still commit and
+        // survive a crash: the pack only takes no more records. A torn
+        // write (EIO) is taken as the pack's failure: its writers all fail.
+        use crate::backend::PackStorage as _;
+        for full in [true, false] {
+            let faults = FaultPacks::new(MemPacks::new());
+            let (d, s) = store_on(faults.clone());
+            for name in ["a", "b"] {
+                s.create_image(name, 4 * 4096).unwrap();
+            }
+            let mut a = s.open_image("a").unwrap();
+            let mut b = s.open_image("b").unwrap();
+            a.write(0, &noise(1, 2 * 4096)).unwrap();
+            a.seal_job(0).unwrap().expect("a's blocks").run();
+            b.write(0, &noise(2, 2 * 4096)).unwrap();
+            faults.set_plan(if full {
+                FaultPlan {
+                    enospc_after_bytes: Some(0),
+                    ..Default::default()
+                }
+            } else {
+                FaultPlan {
+                    short_write_at: Some(0),
+                    ..Default::default()
+                }
+            });
+            let e = b.commit().expect_err("the failed append was not reported");
+            assert_eq!(matches!(e, Error::NoSpace(_)), full, "{e}");
+            faults.set_plan(FaultPlan::default());
+            assert_eq!(faults.list().unwrap().len(), 1, "b's append was not to a's pack");
+            let r = a.commit();
+            if !full {
+                assert!(
+                    r.is_err(),
+                    "a commit relied on a pack whose write failed with EIO"
+                );
+                continue;
+            }
+            r.expect("a's records were appended before the disk filled");
+            // b writes again: to another pack, and commits.
+            b.write(0, &noise(3, 2 * 4096)).unwrap();
+            b.commit().unwrap();
+            drop((a, b));
+            drop(s);
+            faults.crash();
+            let s = Store::open_with(
+                &d.path().join("meta.db"),
+                Box::new(faults.clone()),
+                OpenMode::ReadWrite,
+            )
+            .unwrap();
+            let mut got = vec![0; 2 * 4096];
+            s.open_image("a").unwrap().read(0, &mut got).unwrap();
+            assert!(got == noise(1, 2 * 4096), "a's committed data was lost");
+            s.open_image("b").unwrap().read(0, &mut got).unwrap();
+            assert!(got == noise(3, 2 * 4096), "b's committed data was lost");
         }
-        let mut a = s.open_image("a").unwrap();
-        let mut b = s.open_image("b").unwrap();
-        a.write(0, &noise(1, 2 * 4096)).unwrap();
-        a.seal_job(0).unwrap().expect("a's blocks").run();
-        b.write(0, &noise(2, 2 * 4096)).unwrap();
-        faults.set_plan(FaultPlan {
-            short_write_at: Some(0),
-            ..Default::default()
-        });
-        assert!(b.commit().is_err(), "the torn append was not reported");
-        faults.set_plan(FaultPlan::default());
-        a.commit().expect("a's records were appended before the failure");
-        // b writes again: to another pack, and commits.
-        b.write(0, &noise(3, 2 * 4096)).unwrap();
-        b.commit().unwrap();
-        drop((a, b));
-        drop(s);
-        faults.crash();
-        let s = Store::open_with(
-            &d.path().join("meta.db"),
-            Box::new(faults.clone()),
-            OpenMode::ReadWrite,
-        )
-        .unwrap();
-        let mut got = vec![0; 2 * 4096];
-        s.open_image("a").unwrap().read(0, &mut got).unwrap();
-        assert!(got == noise(1, 2 * 4096), "a's committed data was lost");
-        s.open_image("b").unwrap().read(0, &mut got).unwrap();
-        assert!(got == noise(3, 2 * 4096), "b's committed data was lost");
     }
 
     #[test]

@@ -362,8 +362,9 @@ pub(crate) struct Inner {
     uses: Mutex<PackUse>,
     /// Serializes pack syncs (see `sync_packs`).
     sync_lock: Mutex<()>,
-    /// Packs whose sync failed: their unsynced tail may be lost. (A pack
-    /// whose append failed only takes no more records: see `append`.)
+    /// Packs whose sync, or append other than on a full disk, failed: their
+    /// unsynced tail may be lost. (A pack whose append found the disk full
+    /// only takes no more records: see `append`.)
     /// Its own lock, taken last and held briefly, so `sync_packs` never
     /// waits for a lane (a lane may be held through a long write).
     poisoned: Mutex<HashSet<PackId>>,
@@ -696,7 +697,10 @@ impl Store {
 
     /// Cut torn or abandoned pack tails back to what committed transactions
     /// cover — only for packs no live process is appending to (claimable).
-    /// Packs with no committed data are left for `gc`.
+    /// A pack shorter than its committed length is not claimed: reported if
+    /// it has committed records, skipped if it has none (being created, or
+    /// left by a crash before its header). Packs left with nothing committed
+    /// are for `gc` to remove.
     fn recover(&self) -> Result<()> {
         let files = self
             .inner
@@ -1000,8 +1004,18 @@ impl Store {
             }
             if let Err(e) = r {
                 // Its end may hold part of this write: it takes no more
-                // records. Those before stand (a sync makes them durable),
-                // so other writers' commits that rely on them go on.
+                // records. On a full disk (or quota) those before stand (a
+                // sync makes them durable), so other writers' commits that
+                // rely on them go on. Any other error is taken as the pack's:
+                // some file systems (NFS, FUSE) report an earlier buffered
+                // write's failure at a later `write`, and the `fsync` after
+                // may then succeed without those bytes.
+                let full = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                    || e.kind() == io::ErrorKind::StorageFull
+                    || e.kind() == io::ErrorKind::QuotaExceeded;
+                if !full {
+                    self.inner.poisoned.lock().unwrap().insert(id);
+                }
                 w.active = None;
                 self.retire(id);
                 return Err(Error::io(format!("appending to pack {id}"), e));
