@@ -2870,6 +2870,57 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_reads_again_an_image_committed_to_while_it_looked() {
+        // Rollback finds the rows to kill outside the write lock; a commit
+        // landing between that read and its transaction must not be missed.
+        let (_d, s) = store();
+        s.create_image("a", 4 * 4096).unwrap();
+        let commit = |block: u64, seed: u64| {
+            let mut h = s.open_image("a").unwrap();
+            h.write(block * 4096, &noise(seed, 4096)).unwrap();
+            h.commit().unwrap();
+        };
+        commit(0, 1);
+        s.create_snapshot("a", "s").unwrap();
+        commit(1, 2);
+        let n = std::cell::Cell::new(0);
+        s.rollback_with("a", "s", &|| {
+            n.set(n.get() + 1);
+            if n.get() == 1 {
+                commit(2, 3); // lands after the first read
+            }
+        })
+        .unwrap();
+        assert_eq!(n.get(), 2, "the changed image was not read again");
+        let mut got = vec![0; 4 * 4096];
+        s.open_image("a").unwrap().read(0, &mut got).unwrap();
+        let mut want = vec![0; 4 * 4096];
+        want[..4096].copy_from_slice(&noise(1, 4096));
+        assert!(
+            got == want,
+            "the rollback kept a block written after the snapshot"
+        );
+        // An image committed to at every look: a clear error, nothing changed.
+        commit(3, 4);
+        let before = s.image_row("a").unwrap().version;
+        let seed = std::cell::Cell::new(10);
+        let e = s
+            .rollback_with("a", "s", &|| {
+                seed.set(seed.get() + 1);
+                commit(1, seed.get());
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::Conflict { .. }), "{e}");
+        s.open_image("a").unwrap().read(0, &mut got).unwrap();
+        assert!(got[4096..2 * 4096] == noise(13, 4096)[..] && got[3 * 4096..] == noise(4, 4096)[..]);
+        assert_eq!(
+            s.image_row("a").unwrap().version,
+            before + 3,
+            "only the three commits"
+        );
+    }
+
+    #[test]
     fn a_block_written_in_part_is_merged_again_from_the_cache() {
         let packs = CountingPacks::default();
         let (_d, s) = store_on(packs.clone());

@@ -1838,32 +1838,78 @@ impl Store {
 
     /// Make the image's head equal to a snapshot, as a new version (the
     /// versions after the snapshot stay reachable through other snapshots).
-    /// Reads the image's rows once (live rows born after the snapshot are
-    /// killed), and re-inserts those that died since it, found by `map_died`.
+    /// Reads the image's rows once, outside the write lock, for the live
+    /// rows born after the snapshot (killed), and re-inserts those that died
+    /// since it, found by `map_died`. An image committed to meanwhile is
+    /// read again, up to 3 times, then [`Error::Conflict`].
     pub fn rollback(&self, image: &str, snap: &str) -> Result<u64> {
+        self.rollback_with(image, snap, &|| {})
+    }
+
+    /// [`Store::rollback`], calling `between` after each read (tests: a
+    /// commit that lands there).
+    pub(crate) fn rollback_with(&self, image: &str, snap: &str, between: &dyn Fn()) -> Result<u64> {
         self.check_writable()?;
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let row = image_row(&tx, image)?;
-        refuse_if_open(&tx, &row)?;
-        let s = snapshot_row(&tx, &row, snap)?;
-        let v = row.version + 1;
-        let killed = tx.execute(
-            "UPDATE map SET died = ?3 WHERE image = ?1 AND died IS NULL AND born > ?2",
-            params![row.id, s.version as i64, v as i64],
-        )?;
-        let revived = tx.execute(
-            "INSERT INTO map(image, block, born, died, hash)
-             SELECT image, block, ?3, NULL, hash FROM map
-              WHERE image = ?1 AND born <= ?2 AND died IS NOT NULL AND died > ?2 AND died < ?3",
-            params![row.id, s.version as i64, v as i64],
-        )?;
-        // Blocks past the snapshot's size cannot be live at the snapshot; nothing more to cut.
-        let stamp = bump_version(&tx, &row, v, s.size, self.inner.config.node_id)?;
-        meta::prune(&tx, row.id, v, v)?;
-        tx.commit()?;
-        info!(image, snapshot = snap, version = v, killed, revived, %stamp, "rolled back");
-        Ok(v)
+        // The live rows born after the snapshot are found first, outside the
+        // write lock: with no index on `born` that is a pass over the
+        // image's rows, and every commit of every image (other processes'
+        // too) waits while the lock is held. The write transaction then
+        // kills them by their keys, if the image is still that version.
+        let mut tries = 0;
+        loop {
+            let (id, version, born_after) = {
+                let mut db = self.db();
+                let tx = db.transaction()?; // one consistent read
+                let row = image_row(&tx, image)?;
+                let s = snapshot_row(&tx, &row, snap)?;
+                let keys = tx
+                    .prepare("SELECT block, born FROM map WHERE image = ?1 AND died IS NULL AND born > ?2")?
+                    .query_map(params![row.id, s.version as i64], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                (row.id, row.version, keys)
+            };
+            between();
+            let mut db = self.db();
+            let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let row = image_row(&tx, image)?;
+            refuse_if_open(&tx, &row)?;
+            if row.id != id || row.version != version {
+                tries += 1;
+                if tries < 3 {
+                    continue; // committed to meanwhile (a writer that has closed since)
+                }
+                return Err(Error::Conflict {
+                    image: image.into(),
+                    expected: version,
+                    found: row.version,
+                });
+            }
+            let s = snapshot_row(&tx, &row, snap)?;
+            let v = row.version + 1;
+            let mut killed = 0;
+            {
+                let mut kill = tx.prepare_cached(
+                    "UPDATE map SET died = ?4 WHERE image = ?1 AND block = ?2 AND born = ?3 AND died IS NULL",
+                )?;
+                for (block, born) in born_after {
+                    killed += kill.execute(params![row.id, block, born, v as i64])?;
+                }
+            }
+            let revived = tx.execute(
+                "INSERT INTO map(image, block, born, died, hash)
+                 SELECT image, block, ?3, NULL, hash FROM map
+                  WHERE image = ?1 AND born <= ?2 AND died IS NOT NULL AND died > ?2 AND died < ?3",
+                params![row.id, s.version as i64, v as i64],
+            )?;
+            // Blocks past the snapshot's size cannot be live at the snapshot; nothing more to cut.
+            let stamp = bump_version(&tx, &row, v, s.size, self.inner.config.node_id)?;
+            meta::prune(&tx, row.id, v, v)?;
+            tx.commit()?;
+            info!(image, snapshot = snap, version = v, killed, revived, %stamp, "rolled back");
+            return Ok(v);
+        }
     }
 
     /// A new image sharing every block of `src` (its head, or snapshot `snap`).
