@@ -2784,6 +2784,25 @@ mod tests {
         assert_eq!(faults.len(torn.pack).unwrap(), pack::PACK_DATA_START);
         assert_eq!(faults.len(90).unwrap(), 0, "the new pack was changed");
         drop(s);
+        // A pack shorter than what commits cover is damage: the open goes on
+        // (scrub names the blocks), and nothing is claimed or cut.
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute(
+            "INSERT INTO packs(id, committed_len) VALUES (91, ?1)",
+            [3 * pack::PACK_DATA_START as i64],
+        )
+        .unwrap();
+        drop(c);
+        faults.create(91).unwrap();
+        faults.append(91, pack::pack_header().as_slice()).unwrap();
+        let before = faults.claims_tried().len();
+        let s = Store::open_with(&db, Box::new(faults.clone()), OpenMode::ReadWrite).unwrap();
+        assert!(
+            faults.claims_tried()[before..].is_empty(),
+            "a short pack was claimed"
+        );
+        assert_eq!(faults.len(91).unwrap(), pack::PACK_DATA_START);
+        drop(s);
     }
 
     #[test]
