@@ -1010,9 +1010,11 @@ impl Store {
                 // some file systems (NFS, FUSE) report an earlier buffered
                 // write's failure at a later `write`, and the `fsync` after
                 // may then succeed without those bytes.
-                let full = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-                    || e.kind() == io::ErrorKind::StorageFull
-                    || e.kind() == io::ErrorKind::QuotaExceeded;
+                // (ENOSPC and EDQUOT decode to these kinds.)
+                let full = matches!(
+                    e.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                );
                 if !full {
                     self.inner.poisoned.lock().unwrap().insert(id);
                 }
